@@ -1,0 +1,313 @@
+"""Run configuration: typed dataclasses, merged as defaults <- YAML file <- command-line dotted overrides.
+
+Every error names the offending field by its dotted path (and the file it came from), so that a typo in a
+500-GPU job fails at start-up on the login node rather than an hour into the queue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or inconsistent; the message names the field."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "lacvit"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    stages: list[str] = field(default_factory=lambda: ["stage1", "stage2"])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_large_patch16_224"  # any timm ViT name
+    # Size overrides passed to timm.create_model (img_size, patch_size, embed_dim, depth, num_heads, ...).
+    overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained_path: str | None = None  # local timm-format checkpoint; nothing is downloaded
+    global_pool: Literal["token", "avg"] = "token"  # CLS token, or mean of patch tokens (MAE/SimMIM style)
+    drop_path_rate: float = 0.0
+    proj_hidden_dim: int | None = None  # None: the backbone's embedding width, as in the paper
+    proj_dim: int = 128
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/digits"  # folder with _info.json and the tar shards
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    # Stage-1 augmentation (LACVIT.md): RandomResizedCrop scale range and colour jitter strength.
+    crop_scale_min: float = 0.2
+    color_jitter: float = 0.4
+    hflip: bool = True  # off for data where mirroring changes the class (digits, text)
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 1
+    micro_batch_size: int = 32  # per rank, per forward pass
+    grad_accum_steps: int = 1
+    global_batch_size: int | None = None  # optional check: must equal micro x accum x world size
+    # Optimizer steps per epoch; None: one pass over the training split (samples // global batch).
+    steps_per_epoch: int | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    eval_every_epochs: int = 1
+    log_every_steps: int = 10
+
+
+@dataclass
+class Stage1Config(StageConfig):
+    temperature: float = 0.1
+    base_temperature: float | None = None  # the authors' code scales the loss by temperature / 0.07
+
+
+@dataclass
+class Stage2Config(StageConfig):
+    backbone_path: str | None = None  # stage-1 backbone (.safetensors); None: this run's stage-1 output
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_clipping: float = 1.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: Stage1Config = field(default_factory=lambda: Stage1Config(epochs=10))
+    stage2: Stage2Config = field(default_factory=lambda: Stage2Config(
+        epochs=10, optimizer=OptimizerConfig(lr=0.1, weight_decay=0.0)))
+    baseline: StageConfig = field(default_factory=lambda: StageConfig(epochs=10))
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in STAGES:
+            raise ConfigError(f"run.stages: unknown stage {name!r}; choose from {list(STAGES)}")
+        return getattr(self, name)
+
+
+STAGES = ("stage1", "stage2", "baseline")
+
+
+# --------------------------------------------------------------------------------------------- typed build
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: {value!r} is not {' or '.join(_type_name(o) for o in options)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got boolean {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in hints:
+            raise ConfigError(f"{where + '.' if where else ''}{key}: unknown key; valid keys here: {names}")
+    base = cls()
+    kwargs = {}
+    for name in names:
+        path = f"{where}.{name}" if where else name
+        if name in data:
+            current = getattr(base, name)
+            value = data[name]
+            if dataclasses.is_dataclass(current) and isinstance(value, dict):
+                # Merge into this field's own default (stage2 keeps its lr=0.1 unless told otherwise).
+                value = _deep_merge(dataclasses.asdict(current), value)
+            kwargs[name] = _coerce(value, hints[name], path)
+        else:
+            kwargs[name] = getattr(base, name)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_dotlist(items: list[str]) -> dict[str, Any]:
+    """['stage1.epochs=3', 'model.overrides.depth=2'] -> nested dict; values parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: malformed key {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from None
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is both a value and a section")
+        node[leaf] = value
+    return tree
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """defaults <- YAML file <- dotted overrides, then validated."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        data = load_yaml(path)
+        source = str(path)
+    data = _deep_merge(data, parse_dotlist(overrides or []))
+    try:
+        cfg = _build(Config, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{err} (from {source} and command-line overrides)") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one field's type."""
+    for name in cfg.run.stages:
+        cfg.stage(name)
+    for name in STAGES:
+        stage = cfg.stage(name)
+        for key in ("epochs", "micro_batch_size", "grad_accum_steps", "eval_every_epochs", "log_every_steps"):
+            if getattr(stage, key) < 1:
+                raise ConfigError(f"{name}.{key}: must be >= 1, got {getattr(stage, key)}")
+        if stage.steps_per_epoch is not None and stage.steps_per_epoch < 1:
+            raise ConfigError(f"{name}.steps_per_epoch: must be >= 1 or null, got {stage.steps_per_epoch}")
+        if stage.optimizer.lr <= 0:
+            raise ConfigError(f"{name}.optimizer.lr: must be > 0, got {stage.optimizer.lr}")
+        if not 0.0 <= stage.optimizer.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{name}.optimizer.min_lr_ratio: must be in [0, 1]")
+        if len(stage.optimizer.betas) != 2:
+            raise ConfigError(f"{name}.optimizer.betas: expected two values, got {stage.optimizer.betas}")
+    if cfg.stage1.temperature <= 0:
+        raise ConfigError(f"stage1.temperature: must be > 0, got {cfg.stage1.temperature}")
+    if not 0.0 < cfg.data.crop_scale_min <= 1.0:
+        raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {cfg.data.crop_scale_min}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
+    if cfg.deepspeed.precision == "fp16" and cfg.run.device == "cpu":
+        raise ConfigError("deepspeed.precision: fp16 is not supported by DeepSpeed on CPU; use fp32 or bf16")
+
+
+def check_batch_arithmetic(stage_name: str, stage: StageConfig, world_size: int, train_samples: int) -> int:
+    """Global batch = micro x accumulation x world; returns the number of optimizer steps per epoch
+    (stage.steps_per_epoch, or one pass over the training split)."""
+    global_batch = stage.micro_batch_size * stage.grad_accum_steps * world_size
+    if stage.global_batch_size is not None and stage.global_batch_size != global_batch:
+        raise ConfigError(
+            f"{stage_name}.global_batch_size: {stage.global_batch_size} != micro_batch_size "
+            f"{stage.micro_batch_size} x grad_accum_steps {stage.grad_accum_steps} x world size {world_size}"
+            f" = {global_batch}")
+    steps = train_samples // global_batch
+    if steps < 1:
+        raise ConfigError(
+            f"{stage_name}.micro_batch_size: global batch {global_batch} (micro {stage.micro_batch_size} x "
+            f"accum {stage.grad_accum_steps} x world {world_size}) exceeds the {train_samples} training samples")
+    return stage.steps_per_epoch or steps
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the merged config (what actually ran) as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,87 @@
+"""Config merge (defaults <- YAML <- dotted overrides) and the errors that name the offending field."""
+import pytest
+import yaml
+
+from lacvit_dist.config import (ConfigError, check_batch_arithmetic, load_config, parse_dotlist, save_config)
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_merge_order_defaults_file_overrides(tmp_path):
+    path = write(tmp_path, {"stage1": {"epochs": 3, "optimizer": {"lr": 0.5}}, "model": {"name": "vit_small_patch16_224"}})
+    cfg = load_config(path, ["stage1.epochs=5", "model.overrides.depth=2", "deepspeed.precision=bf16"])
+    assert cfg.stage1.epochs == 5                     # CLI beats file
+    assert cfg.stage1.optimizer.lr == 0.5             # file beats default
+    assert cfg.stage1.optimizer.momentum == 0.9       # default kept beside a partial section
+    assert cfg.model.name == "vit_small_patch16_224"
+    assert cfg.model.overrides == {"depth": 2}
+    assert cfg.deepspeed.precision == "bf16"
+
+
+def test_stage_specific_defaults_survive_partial_override(tmp_path):
+    # stage2's own defaults (lr 0.1, no weight decay) must not fall back to the generic optimizer defaults.
+    cfg = load_config(write(tmp_path, {"stage2": {"optimizer": {"momentum": 0.5}}}))
+    assert cfg.stage2.optimizer.lr == 0.1 and cfg.stage2.optimizer.weight_decay == 0.0
+    assert cfg.stage2.optimizer.momentum == 0.5
+
+
+def test_int_accepted_for_float_and_yaml_values_in_overrides():
+    cfg = load_config(None, ["stage1.optimizer.lr=1", "run.stages=[stage1, baseline]", "stage2.backbone_path=null"])
+    assert cfg.stage1.optimizer.lr == 1.0 and isinstance(cfg.stage1.optimizer.lr, float)
+    assert cfg.run.stages == ["stage1", "baseline"]
+    assert cfg.stage2.backbone_path is None
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["stage1.epoch=3"], "stage1.epoch: unknown key"),
+    (["modle.name=x"], "modle: unknown key"),
+    (["stage1.epochs=three"], "stage1.epochs: expected int"),
+    (["stage1.epochs=true"], "stage1.epochs: expected int, got boolean"),
+    (["deepspeed.precision=fp8"], "deepspeed.precision: 'fp8' is not one of"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage: 4 is not one of"),
+    (["stage1.micro_batch_size=0"], "stage1.micro_batch_size: must be >= 1"),
+    (["stage2.optimizer.lr=-1"], "stage2.optimizer.lr: must be > 0"),
+    (["run.stages=[stage3]"], "run.stages: unknown stage 'stage3'"),
+    (["stage1.temperature=0"], "stage1.temperature: must be > 0"),
+    (["stage1.optimizer.betas=[0.9]"], "stage1.optimizer.betas"),
+    (["run.device=cpu", "deepspeed.precision=fp16"], "deepspeed.precision: fp16 is not supported"),
+    (["stage1"], "expected dotted.key=value"),
+])
+def test_errors_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, overrides)
+    assert field in str(err.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage1: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"from .*cfg.yaml"):
+        load_config(write(tmp_path, {"stage1": {"nope": 1}}))
+
+
+def test_batch_arithmetic():
+    cfg = load_config(None, ["stage1.micro_batch_size=8", "stage1.grad_accum_steps=2", "stage1.global_batch_size=32"])
+    assert check_batch_arithmetic("stage1", cfg.stage1, 2, 100) == 100 // 32
+    with pytest.raises(ConfigError, match=r"stage1.global_batch_size: 32 != .* = 48"):
+        check_batch_arithmetic("stage1", cfg.stage1, 3, 100)
+    with pytest.raises(ConfigError, match="stage1.micro_batch_size: global batch 32 .* exceeds the 20 training"):
+        check_batch_arithmetic("stage1", cfg.stage1, 2, 20)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["stage1.epochs=7", "model.overrides.depth=2"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_dotlist_nesting():
+    assert parse_dotlist(["a.b.c=1", "a.b.d=x", "e=[1, 2]"]) == {"a": {"b": {"c": 1, "d": "x"}}, "e": [1, 2]}
