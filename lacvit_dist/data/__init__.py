@@ -1,0 +1,1 @@
+"""Data: WebDataset shards (writing, reading) and the image transforms of each stage."""

@@ -1,0 +1,358 @@
+"""WebDataset shards on disk: writing them and reading their metadata (`_info.json`).
+
+Layout of a data set root::
+
+    OUT/train-000000.tar  OUT/train-000001.tar ...  OUT/val-000000.tar ...  OUT/test-000000.tar
+    OUT/_info.json
+
+Each sample in a shard is two tar members, ``<key>.<ext>`` (encoded image bytes, ext ``png`` /
+``jpg`` / ``webp``) and ``<key>.cls`` (the integer label as ASCII text), with
+``key = f"{split}_{n:07d}"`` (n = position within the split). ``_info.json`` follows the layout of
+timm's WebDataset reader (``timm/data/readers/reader_wds.py``: top-level ``name`` and ``splits``,
+each split with ``name``, ``num_samples``, ``filenames`` relative to the root, ``shard_lengths``),
+so ``timm.data.create_dataset("wds/<name>", root=OUT, split="train")`` reads it unchanged, plus
+``num_classes``, ``class_names`` (index = label) and ``image_ext``.
+
+``_info.json`` is written last and atomically: a root without it is an unfinished (or crashed) write,
+and :func:`load_info` refuses it.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence, Sized
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from tqdm import tqdm
+
+INFO_FILE = "_info.json"
+INFO_VERSION = 1
+IMAGE_EXTS = ("png", "jpg", "webp")
+LABEL_EXT = "cls"
+# Fixed tar member mtime: the same samples give byte-identical shards (checksums, caching).
+_TAR_MTIME = 0.0
+# Split names become file-name prefixes and sample keys; timm parses "name-NNNNNN.tar" on "-".
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_SHARD_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{6})\.tar$")
+# Leading bytes of each encoding, so a mislabelled image is caught at write time, not in training.
+_MAGIC = {
+    "png": lambda b: b[:8] == b"\x89PNG\r\n\x1a\n",
+    "jpg": lambda b: b[:3] == b"\xff\xd8\xff",
+    "webp": lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP",
+}
+
+
+class DatasetInfoError(ValueError):
+    """`_info.json` exists but is not a valid description of a shard set."""
+
+
+class SplitNotFoundError(KeyError):
+    """A split name that the data set does not have (a KeyError with a readable message)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class Sample(NamedTuple):
+    """One sample to write: encoded image bytes and its integer label."""
+
+    image: bytes
+    label: int
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """The shards of one split; `filenames` are absolute paths."""
+
+    name: str
+    filenames: tuple[str, ...]
+    shard_lengths: tuple[int, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.shard_lengths)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything `_info.json` says about a shard set, with shard paths resolved against `root`."""
+
+    root: str
+    name: str
+    class_names: tuple[str, ...]
+    splits: dict[str, SplitInfo]
+    image_ext: str = "png"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, name: str) -> SplitInfo:
+        """The split called `name`; a clear error naming the root and the splits it has otherwise."""
+        try:
+            return self.splits[name]
+        except KeyError:
+            raise SplitNotFoundError(
+                f"data set {self.root} has no split {name!r}; available splits: {sorted(self.splits)}"
+            ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+def load_info(root: str | os.PathLike) -> DatasetInfo:
+    """Read and validate `root/_info.json`; every listed shard must exist on disk."""
+    root_path = Path(root).expanduser().resolve()
+    info_path = root_path / INFO_FILE
+    if not info_path.is_file():
+        hint = " (an unfinished write?)" if any(root_path.glob("*.tar")) else ""
+        raise FileNotFoundError(f"no data set info file {info_path}{hint}; write shards with lacvit-make-shards")
+    try:
+        raw = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetInfoError(f"{info_path} is not valid JSON: {exc}") from None
+    return _parse_info(raw, root_path, info_path)
+
+
+def _require(obj: Any, key: str, kind: type | tuple[type, ...], where: str, info_path: Path) -> Any:
+    """obj[key], checked for type; the error names the file and the key path."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise DatasetInfoError(f"{info_path}: missing key {where}{key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DatasetInfoError(f"{info_path}: key {where}{key!r} has type {type(value).__name__}")
+    return value
+
+
+def _parse_info(raw: Any, root: Path, info_path: Path) -> DatasetInfo:
+    if not isinstance(raw, dict):
+        raise DatasetInfoError(f"{info_path}: top level must be a JSON object")
+    name = _require(raw, "name", str, "", info_path)
+    class_names = _require(raw, "class_names", list, "", info_path)
+    if not class_names or not all(isinstance(c, str) for c in class_names):
+        raise DatasetInfoError(f"{info_path}: key 'class_names' must be a non-empty list of strings")
+    num_classes = raw.get("num_classes", len(class_names))
+    if num_classes != len(class_names):
+        raise DatasetInfoError(
+            f"{info_path}: 'num_classes' is {num_classes} but 'class_names' has {len(class_names)} entries")
+    image_ext = raw.get("image_ext", "png")
+    if image_ext not in IMAGE_EXTS:
+        raise DatasetInfoError(f"{info_path}: 'image_ext' is {image_ext!r}, expected one of {IMAGE_EXTS}")
+    splits_raw = _require(raw, "splits", dict, "", info_path)
+    if not splits_raw:
+        raise DatasetInfoError(f"{info_path}: key 'splits' is empty")
+    splits = {key: _parse_split(key, value, root, info_path) for key, value in splits_raw.items()}
+    return DatasetInfo(root=str(root), name=name, class_names=tuple(class_names), splits=splits,
+                       image_ext=image_ext)
+
+
+def _parse_split(key: str, raw: Any, root: Path, info_path: Path) -> SplitInfo:
+    where = f"'splits'.{key!r}."
+    if not isinstance(raw, dict):
+        raise DatasetInfoError(f"{info_path}: key 'splits'.{key!r} must be an object")
+    filenames = _require(raw, "filenames", list, where, info_path)
+    lengths = _require(raw, "shard_lengths", list, where, info_path)
+    num_samples = _require(raw, "num_samples", int, where, info_path)
+    if len(filenames) != len(lengths):
+        raise DatasetInfoError(f"{info_path}: split {key!r} lists {len(filenames)} filenames "
+                               f"but {len(lengths)} shard_lengths")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
+        raise DatasetInfoError(f"{info_path}: key {where}'shard_lengths' must hold non-negative integers")
+    if sum(lengths) != num_samples:
+        raise DatasetInfoError(f"{info_path}: split {key!r} has num_samples {num_samples} "
+                               f"but its shard_lengths sum to {sum(lengths)}")
+    paths = []
+    for fname in filenames:
+        if not isinstance(fname, str):
+            raise DatasetInfoError(f"{info_path}: key {where}'filenames' must hold strings")
+        path = (root / fname).resolve()  # relative names (timm's convention) resolve against the root
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in {info_path} (split {key!r}) does not exist")
+        paths.append(str(path))
+    return SplitInfo(name=key, filenames=tuple(paths), shard_lengths=tuple(lengths))
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+def write_dataset(
+    root: str | os.PathLike,
+    name: str,
+    class_names: Sequence[str],
+    splits: Mapping[str, Iterable[tuple[bytes, int]]],
+    *,
+    samples_per_shard: int = 1000,
+    image_ext: str = "png",
+    progress: bool = True,
+    overwrite: bool = False,
+) -> DatasetInfo:
+    """Write each split's (image bytes, label) samples as shards under `root`, then `_info.json`.
+
+    `splits` maps a split name to a sequence or any iterable (a generator streams large sets).
+    Refuses a root that already holds `_info.json` or a `*.tar` unless `overwrite=True`, which first
+    removes only this layout's files (shards listed in the old info or named like ours, the info file).
+    On any error the shards this call created are removed, so a failed write leaves nothing behind;
+    `_info.json` is written last (tmp + os.replace) so an interrupted write never looks complete.
+    """
+    root_path = Path(root).expanduser().resolve()
+    _check_write_args(name, class_names, splits, samples_per_shard, image_ext)
+    _prepare_root(root_path, list(splits), overwrite)
+    created: list[Path] = []
+    try:
+        split_meta = {}
+        for split, samples in splits.items():
+            lengths = _write_split(root_path, split, samples, len(class_names), samples_per_shard,
+                                   image_ext, progress, name, created)
+            split_meta[split] = lengths
+        _write_info(root_path, name, class_names, image_ext, split_meta)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+    return load_info(root_path)
+
+
+def _check_write_args(name: str, class_names: Sequence[str], splits: Mapping[str, Any],
+                      samples_per_shard: int, image_ext: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError("data set name must be a non-empty string")
+    if isinstance(class_names, str) or not class_names or not all(isinstance(c, str) for c in class_names):
+        raise ValueError("class_names must be a non-empty sequence of strings")
+    if len(set(class_names)) != len(class_names):
+        raise ValueError("class_names must be unique")
+    if not splits:
+        raise ValueError("no splits to write")
+    for split in splits:
+        if not isinstance(split, str) or not _SPLIT_NAME.match(split):
+            raise ValueError(f"split name {split!r} must be letters, digits and underscores only")
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be a positive integer, got {samples_per_shard!r}")
+    if image_ext not in IMAGE_EXTS:
+        raise ValueError(f"image_ext must be one of {IMAGE_EXTS}, got {image_ext!r}")
+
+
+def _prepare_root(root: Path, split_names: list[str], overwrite: bool) -> None:
+    """Create the root; refuse existing shards/info unless `overwrite`, then remove only ours."""
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"output path {root} exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    info = root / INFO_FILE
+    existing = sorted(root.glob("*.tar")) + ([info] if info.exists() else [])
+    if not existing:
+        return
+    if not overwrite:
+        shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise FileExistsError(f"output directory {root} already holds shards or {INFO_FILE} ({shown}); "
+                              "pass overwrite=True (--overwrite) to replace them")
+    for path in _own_files(root, split_names):
+        path.unlink(missing_ok=True)
+
+
+def _own_files(root: Path, split_names: list[str]) -> list[Path]:
+    """Files of this layout in `root`: the info file, shards it lists, shards named like ours."""
+    own = {root / INFO_FILE}
+    try:  # shards of the previous write, even under split names we are not writing now
+        previous = json.loads((root / INFO_FILE).read_text(encoding="utf-8"))
+        for split in previous.get("splits", {}).values():
+            for fname in split.get("filenames", []):
+                path = (root / fname).resolve()
+                if path.parent == root and _SHARD_FILE.match(path.name):
+                    own.add(path)
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # unreadable old info: fall back to the file-name pattern only
+    for path in root.glob("*.tar"):
+        match = _SHARD_FILE.match(path.name)
+        if match and match.group("split") in split_names:
+            own.add(path)
+    return sorted(p for p in own if p.exists())
+
+
+def _write_split(root: Path, split: str, samples: Iterable[tuple[bytes, int]], num_classes: int,
+                 samples_per_shard: int, image_ext: str, progress: bool, name: str,
+                 created: list[Path]) -> list[tuple[str, int]]:
+    """Write one split with webdataset's ShardWriter; returns [(file name, sample count)] in order."""
+    import webdataset as wds  # deferred: it imports torch (~4 s), which reading _info.json never needs
+
+    # The pattern is %-formatted by ShardWriter: escape any '%' in the root. Absolute paths keep
+    # webdataset's gopen from reading the name as a URL (e.g. "pipe:").
+    pattern = str(root / f"{split}-").replace("%", "%%") + "%06d.tar"
+    counts: dict[str, int] = {}
+    total = len(samples) if isinstance(samples, Sized) else None
+    bar = tqdm(samples, total=total, desc=f"{name}/{split}", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    writer = wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, encoder=False, mtime=_TAR_MTIME)
+    try:
+        for n, sample in enumerate(bar):
+            image, label = _check_sample(sample, split, n, num_classes, image_ext)
+            writer.write({"__key__": f"{split}_{n:07d}", image_ext: image,
+                          LABEL_EXT: str(label).encode("ascii")})
+            if writer.fname not in counts:
+                created.append(Path(writer.fname))
+            counts[writer.fname] = counts.get(writer.fname, 0) + 1
+    finally:
+        # ShardWriter opens its first file on construction: record it even when nothing was written.
+        if writer.fname is not None and Path(writer.fname) not in created:
+            created.append(Path(writer.fname))
+        writer.close()
+        bar.close()
+    if not counts:
+        raise ValueError(f"split {split!r} has no samples")
+    return [(Path(fname).name, count) for fname, count in counts.items()]
+
+
+def _check_sample(sample: Any, split: str, n: int, num_classes: int, image_ext: str) -> tuple[bytes, int]:
+    """Validate one (image bytes, label) sample; errors name the split and position."""
+    try:
+        image, label = sample
+    except (TypeError, ValueError):
+        raise ValueError(f"{split} sample {n}: expected (image bytes, label), got {type(sample).__name__}") from None
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{split} sample {n}: image must be encoded bytes, got {type(image).__name__}")
+    image = bytes(image)
+    if not _MAGIC[image_ext](image):
+        raise ValueError(f"{split} sample {n}: image bytes are not {image_ext.upper()} data")
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral):  # numpy ints are Integral
+        raise ValueError(f"{split} sample {n}: label must be an integer, got {type(label).__name__}")
+    label = int(label)
+    if not 0 <= label < num_classes:
+        raise ValueError(f"{split} sample {n}: label {label} outside [0, {num_classes})")
+    return image, label
+
+
+def _write_info(root: Path, name: str, class_names: Sequence[str], image_ext: str,
+                split_meta: dict[str, list[tuple[str, int]]]) -> None:
+    """Write `_info.json` atomically (tmp file in the same directory, fsync, os.replace)."""
+    info = {
+        "name": name,
+        "version": INFO_VERSION,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "image_ext": image_ext,
+        "label_ext": LABEL_EXT,
+        "splits": {
+            split: {
+                "name": split,
+                "num_samples": sum(count for _, count in shards),
+                "filenames": [fname for fname, _ in shards],
+                "shard_lengths": [count for _, count in shards],
+            }
+            for split, shards in split_meta.items()
+        },
+    }
+    tmp = root / f".{INFO_FILE}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / INFO_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
