@@ -1,0 +1,166 @@
+"""Who am I in the job (torchrun, the deepspeed launcher, SLURM or a plain process), process-group set-up,
+and the collectives the losses and the evaluation need."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "env" (torchrun / deepspeed launcher), "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as 'gpu[003-005,010]'; scontrol knows every syntax."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
+                             text=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    if "[" not in nodelist:
+        return nodelist.split(",")[0]
+    prefix, rest = nodelist.split("[", 1)
+    first = rest.split(",")[0].split("-")[0].rstrip("]")
+    return prefix + first
+
+
+def _require_int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except KeyError:
+        raise RuntimeError(f"environment variable {key} is not set (launcher variables are incomplete)") from None
+    except ValueError:
+        raise RuntimeError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def detect_world(env: Mapping[str, str] | None = None) -> WorldInfo:
+    """Read rank and rendezvous from the launcher's environment.
+
+    torchrun and the deepspeed launcher export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under `srun` (and
+    submitit) each task has SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the master is the job's first node,
+    on a port derived from the job id so that every task agrees without a hard-coded port.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return WorldInfo(rank=_require_int(env, "RANK"), local_rank=int(env.get("LOCAL_RANK", "0")),
+                         world_size=_require_int(env, "WORLD_SIZE"),
+                         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                         master_port=int(env.get("MASTER_PORT", "29500")), launcher="env")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job_id = _require_int(env, "SLURM_JOB_ID")
+        return WorldInfo(rank=_require_int(env, "SLURM_PROCID"), local_rank=_require_int(env, "SLURM_LOCALID"),
+                         world_size=_require_int(env, "SLURM_NTASKS"),
+                         master_addr=_first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                         master_port=20000 + job_id % 20000, launcher="slurm")
+    return WorldInfo(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=_free_port(),
+                     launcher="single")
+
+
+def init_distributed(world: WorldInfo, backend: str) -> None:
+    """Create the default process group through DeepSpeed (which then owns it), from `world`.
+
+    DeepSpeed falls back to MPI discovery when RANK & co. are missing, so they are exported first: this is
+    what lets a plain `python train.py` and `srun` reach the same code path as torchrun.
+    """
+    import deepspeed  # heavy import; keep it off module import time
+
+    if backend == "gloo":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU (~65 s on 2 cores) that only its
+        # inference all-reduce uses; training never needs it, so mark it unavailable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    os.environ.update(RANK=str(world.rank), LOCAL_RANK=str(world.local_rank), WORLD_SIZE=str(world.world_size),
+                      MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all-gather forward; backward sums every rank's gradient for this rank's slice (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return all_gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        n = grad.shape[0] // world_size()
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((n, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        # gloo has no reduce-scatter: all-reduce the whole gradient and keep this rank's rows.
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad[rank() * n:(rank() + 1) * n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0, in rank order, keeping the autograd graph.
+
+    The backward pass sums, on each rank, the gradients that every rank's loss sends to that rank's slice:
+    a loss summed over ranks is therefore differentiated exactly. Every rank must pass the same shape.
+    """
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0 (same shape on every rank), without gradient."""
+    if world_size() == 1:
+        return x
+    x = x.contiguous()
+    if dist.get_backend() == "nccl":
+        out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x)
+        return out
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over ranks (a new, detached tensor; `x` is left untouched)."""
+    x = x.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
