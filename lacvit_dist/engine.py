@@ -1,0 +1,187 @@
+"""The one training loop: a DeepSpeed engine around a task's model, fed by the WebDataset stream.
+
+Stage 1, stage 2 and the CE baseline all run through `train_stage`; they differ only in the Task.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import timm.optim
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from . import distributed as dist_utils
+from .checkpoint import save_state_dict, write_json
+from .config import Config, StageConfig, check_batch_arithmetic, to_dict
+from .data.pipeline import eval_loader, train_loader
+from .data.shards import DatasetInfo
+from .data.transforms import evaluation
+from .evaluation import evaluate_classifier
+from .models import ContrastiveModel
+from .tasks import Task
+from .tb import Scalars, log
+
+
+def deepspeed_config(cfg: Config, stage: StageConfig, world_size: int) -> dict[str, Any]:
+    precision = cfg.deepspeed.precision
+    return {
+        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
+        "gradient_accumulation_steps": stage.grad_accum_steps,
+        "train_batch_size": stage.micro_batch_size * stage.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.deepspeed.gradient_clipping,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # Our optimizers are torch's (timm's factory); ZeRO accepts them with this flag.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(model: torch.nn.Module, stage: StageConfig, total_steps: int):
+    """timm's optimizer factory (no weight decay on norms, biases, pos-embed, cls token; frozen params left
+    out) and a per-optimizer-step linear warmup + cosine schedule."""
+    opt = stage.optimizer
+    kwargs: dict[str, Any] = {"momentum": opt.momentum} if opt.name == "sgd" else {"betas": tuple(opt.betas)}
+    # timm's "sgd" is Nesterov; the paper's is plain momentum SGD.
+    optimizer = timm.optim.create_optimizer_v2(model, opt="momentum" if opt.name == "sgd" else "adamw",
+                                               lr=opt.lr, weight_decay=opt.weight_decay, **kwargs)
+
+    def lr_factor(step: int) -> float:
+        if step < opt.warmup_steps:
+            return (step + 1) / opt.warmup_steps
+        progress = min(1.0, (step - opt.warmup_steps) / max(1, total_steps - opt.warmup_steps))
+        return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, LambdaLR(optimizer, lr_factor)
+
+
+def _model_dtype(engine) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "", torch.float32)
+
+
+def _full_state_dict(engine, module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Complete state dict on rank 0 (None elsewhere); under ZeRO-3 every rank joins the gather."""
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if engine.global_rank == 0 else None
+        return state
+    return module.state_dict() if engine.global_rank == 0 else None
+
+
+def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> dict[str, Any]:
+    """Train `task` for its configured epochs, evaluate it honestly, save and export; returns its results."""
+    started = time.time()
+    stage = cfg.stage(task.name)
+    world = dist_utils.world_size()
+    rank = dist_utils.rank()
+    train_split = info.split(cfg.data.train_split)
+    steps_per_epoch = check_batch_arithmetic(task.name, stage, world, train_split.num_samples)
+    total_steps = steps_per_epoch * stage.epochs
+    global_batch = stage.micro_batch_size * stage.grad_accum_steps * world
+
+    optimizer, scheduler = build_optimizer(task.model, stage, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, stage, world), dist_init_required=False)
+    device, dtype = engine.device, _model_dtype(engine)
+    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    log.info("%s: world %d, micro batch %d x accum %d -> global batch %d images; %d steps/epoch x %d epochs; "
+             "%s, ZeRO %d, %.2fM trainable params, image size %d", task.name, world, stage.micro_batch_size,
+             stage.grad_accum_steps, global_batch, steps_per_epoch, stage.epochs, cfg.deepspeed.precision,
+             cfg.deepspeed.zero_stage, trainable / 1e6, task.stats.img_size)
+
+    # Different augmentation streams per rank; identical model initialisation happened before this.
+    torch.manual_seed(cfg.run.seed * 1000 + rank + 1)
+    batches = train_loader(train_split, info.num_classes, task.train_transform(), stage.micro_batch_size,
+                           seed=cfg.run.seed, num_workers=cfg.data.num_workers,
+                           shuffle_buffer=cfg.data.shuffle_buffer)
+    scalars = Scalars(stage_dir / "tb" if rank == 0 and cfg.logging.tensorboard else None, task.name)
+    eval_transform = evaluation(task.stats)
+
+    step, window_start, window_steps = 0, time.time(), 0
+    running: dict[str, torch.Tensor] = {}
+    history: list[dict[str, float]] = []
+    for epoch in range(stage.epochs):
+        task.set_train_mode(engine.module)
+        for _ in range(steps_per_epoch):
+            for _ in range(stage.grad_accum_steps):
+                images, labels, _ = next(batches)
+                images = images.to(device, dtype, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                loss, metrics = task.loss(engine, images, labels)
+                engine.backward(loss)
+                engine.step()
+                # Accumulate on device; read back only when logging (no host sync per step).
+                for key, value in {"loss": loss.detach(), **metrics}.items():
+                    running[key] = running.get(key, 0) + value.detach().float()
+            step += 1
+            window_steps += 1
+            if step % stage.log_every_steps == 0 or step == total_steps:
+                elapsed = time.time() - window_start
+                micro_batches = window_steps * stage.grad_accum_steps
+                values = {k: (dist_utils.all_reduce_sum(v) / (world * micro_batches)).item()
+                          for k, v in running.items()}
+                values["lr"] = engine.get_lr()[0]
+                values["images_per_s"] = global_batch * window_steps / elapsed
+                scalars.add(values, step)
+                history.append({"step": step, "epoch": epoch, **values})
+                log.info("%s epoch %d step %d/%d  %s", task.name, epoch + 1, step, total_steps,
+                         "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
+                running, window_start, window_steps = {}, time.time(), 0
+        if task.classifies and (epoch + 1) % stage.eval_every_epochs == 0 and epoch + 1 < stage.epochs:
+            val = _evaluate(cfg, task, engine, info, cfg.data.val_split, eval_transform, stage)
+            scalars.add(val, step, group="val")
+            log.info("%s epoch %d val top1 %.4f top5 %.4f", task.name, epoch + 1, val["top1"], val["top5"])
+
+    results: dict[str, Any] = {"stage": task.name, "steps": step, "epochs": stage.epochs,
+                               "global_batch": global_batch, "world_size": world, "train_log": history}
+    if task.classifies:
+        # The model evaluated is the last one: nothing is selected on validation or test data.
+        results["val"] = _evaluate(cfg, task, engine, info, cfg.data.val_split, eval_transform, stage)
+        results["test"] = _evaluate(cfg, task, engine, info, cfg.data.test_split, eval_transform, stage)
+        scalars.add(results["val"], step, group="val")
+        scalars.add(results["test"], step, group="test")
+
+    engine.save_checkpoint(str(stage_dir / "checkpoints"), tag=f"step{step}",
+                           client_state={"step": step, "epoch": stage.epochs})
+    results["export"] = str(_export(cfg, task, engine, stage_dir, step))
+    results["wall_time_s"] = time.time() - started
+    if rank == 0:
+        write_json(results, stage_dir / "results.json")
+    scalars.close()
+    dist_utils.barrier()
+    del engine, optimizer, batches
+    gc.collect()
+    return results
+
+
+def _evaluate(cfg: Config, task: Task, engine, info: DatasetInfo, split_name: str, transform,
+              stage: StageConfig) -> dict[str, float]:
+    split = info.split(split_name)
+    loader = eval_loader(split, info.num_classes, transform, stage.micro_batch_size, rank=dist_utils.rank(),
+                         world_size=dist_utils.world_size(), num_workers=cfg.data.num_workers)
+    metrics = evaluate_classifier(engine.module, loader, engine.device, _model_dtype(engine),
+                                  expected_samples=split.num_samples, where=f"split {split_name!r} of {info.root}")
+    task.set_train_mode(engine.module)
+    return metrics
+
+
+def _export(cfg: Config, task: Task, engine, stage_dir: Path, step: int) -> Path:
+    """Stage 1: the backbone alone (input of stage 2). Others: the whole timm classifier."""
+    module = engine.module.backbone if isinstance(engine.module, ContrastiveModel) else engine.module
+    name = "backbone.safetensors" if task.name == "stage1" else "classifier.safetensors"
+    state = _full_state_dict(engine, module, cfg.deepspeed.zero_stage)
+    path = stage_dir / name
+    if state is not None:
+        save_state_dict(state, path, {"stage": task.name, "step": step, "model": cfg.model.name,
+                                      "model_overrides": cfg.model.overrides, "num_classes": task.num_classes,
+                                      "global_pool": cfg.model.global_pool, "config": to_dict(cfg)})
+    dist_utils.barrier()
+    return path

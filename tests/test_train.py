@@ -1,0 +1,122 @@
+"""End to end through the real launchers: `deepspeed train.py` and `torchrun train.py` with 2 CPU ranks (gloo),
+and a plain `python train.py`; stage 2 consumes stage 1's backbone; the exported classifier loads in timm."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO
+from dist_helpers import free_port
+from lacvit_dist.cli import main
+from lacvit_dist.data.pipeline import eval_loader
+from lacvit_dist.data.shards import load_info
+from lacvit_dist.data.transforms import evaluation
+from lacvit_dist.models import create_backbone, image_stats
+from lacvit_dist.config import load_config
+
+BIN = Path(sys.executable).parent
+CONFIG = REPO / "configs" / "demo_digits.yaml"
+TINY = ["model.overrides.embed_dim=32", "model.overrides.depth=1", "model.overrides.num_heads=2",
+        "model.proj_dim=16", "data.num_workers=0", "data.shuffle_buffer=50"] + [
+    f"{stage}.{key}" for stage in ("stage1", "stage2", "baseline")
+    for key in ("epochs=1", "steps_per_epoch=2", "micro_batch_size=8", "log_every_steps=1")]
+
+
+def launch(prefix: list[str], tmp_path: Path, data: Path, *overrides: str, name: str = "run") -> Path:
+    cmd = [*prefix, str(REPO / "train.py"), "--config", str(CONFIG), f"data.root={data}",
+           f"run.output_dir={tmp_path}", f"run.name={name}", *TINY, *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return tmp_path / name
+
+
+def results(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "results.json").read_text())
+
+
+def scalar_tags(log_dir: Path) -> set[str]:
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_deepspeed_launcher_two_ranks_all_stages(digits_root, tmp_path):
+    run_dir = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())], tmp_path,
+                     digits_root, "run.stages=[stage1,stage2,baseline]")
+    info = load_info(digits_root)
+    assert (run_dir / "config.yaml").exists()
+    assert load_config(run_dir / "config.yaml").model.overrides["depth"] == 1  # the merged config was written
+
+    s1, s2, base = (results(run_dir, s) for s in ("stage1", "stage2", "baseline"))
+    assert s1["world_size"] == 2 and s1["global_batch"] == 16 and s1["steps"] == 2
+    for res in (s2, base):
+        assert res["test"]["samples"] == info.split("test").num_samples  # every test sample, once
+        assert res["val"]["samples"] == info.split("val").num_samples
+        assert 0.0 <= res["test"]["top1"] <= res["test"]["top5"] <= 1.0
+
+    # Stage 2 trained only the head on top of exactly stage 1's backbone.
+    backbone = load_file(run_dir / "stage1" / "backbone.safetensors")
+    classifier = load_file(run_dir / "stage2" / "classifier.safetensors")
+    assert set(classifier) - set(backbone) == {"head.weight", "head.bias"}
+    assert all(torch.equal(backbone[k], classifier[k]) for k in backbone)
+    manifest = json.loads((run_dir / "stage1" / "backbone.json").read_text())
+    assert manifest["stage"] == "stage1" and len(manifest["sha256"]) == 64
+    # The baseline trained its backbone: it moved away from the (shared-seed) initialisation.
+    baseline = load_file(run_dir / "baseline" / "classifier.safetensors")
+    assert not torch.equal(baseline["blocks.0.attn.qkv.weight"], classifier["blocks.0.attn.qkv.weight"])
+
+    assert {"stage1/train/loss", "stage1/train/lr", "stage1/train/images_per_s"} <= scalar_tags(run_dir / "stage1" / "tb")
+    assert {"stage2/train/loss", "stage2/test/top1", "stage2/val/top1"} <= scalar_tags(run_dir / "stage2" / "tb")
+
+    # The exported classifier is a plain timm checkpoint: timm loads it and reproduces the reported accuracy.
+    cfg = load_config(run_dir / "config.yaml")
+    model = timm.create_model(cfg.model.name, checkpoint_path=str(run_dir / "stage2" / "classifier.safetensors"),
+                              num_classes=info.num_classes, **cfg.model.overrides).eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels, _ in eval_loader(info.split("test"), info.num_classes, evaluation(image_stats(model)), 64,
+                                             rank=0, world_size=1, num_workers=0):
+            correct += (model(images).argmax(-1) == labels).sum().item()
+            total += labels.numel()
+    assert total == s2["test"]["samples"] and correct / total == pytest.approx(s2["test"]["top1"], abs=1e-9)
+
+
+def test_torchrun_stage1_then_plain_python_stage2(digits_root, tmp_path):
+    run_dir = launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())],
+                     tmp_path, digits_root, "run.stages=[stage1]", name="tr")
+    assert results(run_dir, "stage1")["world_size"] == 2
+    backbone = run_dir / "stage1" / "backbone.safetensors"
+    # A different run folder, a single plain process, the backbone handed over by path.
+    run2 = launch([sys.executable], tmp_path, digits_root, "run.stages=[stage2]", f"stage2.backbone_path={backbone}",
+                  name="single")
+    s2 = results(run2, "stage2")
+    assert s2["world_size"] == 1 and s2["test"]["samples"] == load_info(digits_root).split("test").num_samples
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["--config", str(CONFIG), "stage1.epoch=3"]) == 2
+    assert "stage1.epoch: unknown key" in capsys.readouterr().err
+
+
+def test_finished_stage_is_never_overwritten(digits_root, tmp_path, capsys):
+    finished = tmp_path / "done" / "stage1"
+    finished.mkdir(parents=True)
+    (finished / "results.json").write_text("{}")
+    env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in env_keys}
+    try:
+        code = main(["--config", str(CONFIG), f"data.root={digits_root}", f"run.output_dir={tmp_path}",
+                     "run.name=done", "run.stages=[stage1]", *TINY])
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert code == 2 and "already holds a finished stage1" in capsys.readouterr().err
+    assert (finished / "results.json").read_text() == "{}"
