@@ -48,7 +48,8 @@ class DataConfig:
     test_split: str = "test"
     num_workers: int = 2
     shuffle_buffer: int = 1000
-    # Stage-1 augmentation (LACVIT.md): RandomResizedCrop scale range and colour jitter strength.
+    # Training augmentation (LACVIT.md): RandomResizedCrop scale range (all training views) and stage-1
+    # colour jitter strength.
     crop_scale_min: float = 0.2
     color_jitter: float = 0.4
     hflip: bool = True  # off for data where mirroring changes the class (digits, text)
