@@ -82,6 +82,11 @@ class StageConfig:
 @dataclass
 class Stage1Config(StageConfig):
     temperature: float = 0.1
+    # With grad_accum_steps > 1: "enlarge_contrast" contrasts every anchor with all micro-batches of the
+    # optimizer step on all ranks (feature cache: one no-grad forward, then a forward+backward per
+    # micro-batch); "plain" accumulates gradients of per-micro-batch losses (contrast set = one micro-batch
+    # on all ranks), cheaper by one forward.
+    accumulation: Literal["enlarge_contrast", "plain"] = "enlarge_contrast"
     base_temperature: float | None = None  # the authors' code scales the loss by temperature / 0.07
 
 

@@ -81,7 +81,7 @@ def detect_world(env: Mapping[str, str] | None = None) -> WorldInfo:
 
 
 def init_distributed(world: WorldInfo, backend: str) -> None:
-    """Create the default process group through DeepSpeed (which then owns it), from `world`.
+    """Create the default process group through DeepSpeed (or hand it an existing one), from `world`.
 
     DeepSpeed falls back to MPI discovery when RANK & co. are missing, so they are exported first: this is
     what lets a plain `python train.py` and `srun` reach the same code path as torchrun.
@@ -94,8 +94,8 @@ def init_distributed(world: WorldInfo, backend: str) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     os.environ.update(RANK=str(world.rank), LOCAL_RANK=str(world.local_rank), WORLD_SIZE=str(world.world_size),
                       MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    # Wraps an already-initialised torch process group instead of creating one.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
 def world_size() -> int:

@@ -92,10 +92,12 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
                                            config=deepspeed_config(cfg, stage, world), dist_init_required=False)
     device, dtype = engine.device, _model_dtype(engine)
     trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
-    log.info("%s: world %d, micro batch %d x accum %d -> global batch %d images; %d steps/epoch x %d epochs; "
+    terms = task.contrast_terms(stage.micro_batch_size, stage.grad_accum_steps, world)
+    log.info("%s: world %d, micro batch %d x accum %d -> global batch %d images%s; %d steps/epoch x %d epochs; "
              "%s, ZeRO %d, %.2fM trainable params, image size %d", task.name, world, stage.micro_batch_size,
-             stage.grad_accum_steps, global_batch, steps_per_epoch, stage.epochs, cfg.deepspeed.precision,
-             cfg.deepspeed.zero_stage, trainable / 1e6, task.stats.img_size)
+             stage.grad_accum_steps, global_batch,
+             f", {terms} contrast terms per anchor" if terms is not None else "", steps_per_epoch, stage.epochs,
+             cfg.deepspeed.precision, cfg.deepspeed.zero_stage, trainable / 1e6, task.stats.img_size)
 
     # Different augmentation streams per rank; identical model initialisation happened before this.
     torch.manual_seed(cfg.run.seed * 1000 + rank + 1)
@@ -111,22 +113,20 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     for epoch in range(stage.epochs):
         task.set_train_mode(engine.module)
         for _ in range(steps_per_epoch):
+            micro_batches = []
             for _ in range(stage.grad_accum_steps):
                 images, labels, _ = next(batches)
-                images = images.to(device, dtype, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                loss, metrics = task.loss(engine, images, labels)
-                engine.backward(loss)
-                engine.step()
-                # Accumulate on device; read back only when logging (no host sync per step).
-                for key, value in {"loss": loss.detach(), **metrics}.items():
-                    running[key] = running.get(key, 0) + value.detach().float()
+                micro_batches.append((images.to(device, dtype, non_blocking=True),
+                                      labels.to(device, non_blocking=True)))
+            metrics = task.train_step(engine, micro_batches)
+            # Accumulate on device; read back only when logging (no host sync per step).
+            for key, value in metrics.items():
+                running[key] = running.get(key, 0) + value
             step += 1
             window_steps += 1
             if step % stage.log_every_steps == 0 or step == total_steps:
                 elapsed = time.time() - window_start
-                micro_batches = window_steps * stage.grad_accum_steps
-                values = {k: (dist_utils.all_reduce_sum(v) / (world * micro_batches)).item()
+                values = {k: (dist_utils.all_reduce_sum(v) / (world * window_steps)).item()
                           for k, v in running.items()}
                 values["lr"] = engine.get_lr()[0]
                 values["images_per_s"] = global_batch * window_steps / elapsed
@@ -141,7 +141,8 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
             log.info("%s epoch %d val top1 %.4f top5 %.4f", task.name, epoch + 1, val["top1"], val["top5"])
 
     results: dict[str, Any] = {"stage": task.name, "steps": step, "epochs": stage.epochs,
-                               "global_batch": global_batch, "world_size": world, "train_log": history}
+                               "global_batch": global_batch, "world_size": world, "contrast_terms": terms,
+                               "train_log": history}
     if task.classifies:
         # The model evaluated is the last one: nothing is selected on validation or test data.
         results["val"] = _evaluate(cfg, task, engine, info, cfg.data.val_split, eval_transform, stage)

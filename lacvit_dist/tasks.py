@@ -13,6 +13,8 @@ from .data import transforms
 from .losses import SupConLoss
 from .models import build_classifier, build_contrastive_model, image_stats
 
+VIEWS = 2  # stage 1: two augmented views per image (LACVIT.md)
+
 
 class Task:
     name: str
@@ -35,7 +37,24 @@ class Task:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(loss to backpropagate, detached metrics including the loss value to log) for one micro-batch."""
         raise NotImplementedError
+
+    def train_step(self, engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Forward/backward every micro-batch of one optimizer step through the DeepSpeed engine (which
+        scales each by 1/accumulation and steps the optimizer at the boundary); returns mean metrics."""
+        totals: dict[str, torch.Tensor] = {}
+        for images, labels in micro_batches:
+            loss, metrics = self.loss(engine, images, labels)
+            engine.backward(loss)
+            engine.step()
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0) + value.detach().float()
+        return {key: value / len(micro_batches) for key, value in totals.items()}
+
+    def contrast_terms(self, micro_batch: int, accum: int, world: int) -> int | None:
+        """Terms in each anchor's contrastive denominator (None for cross-entropy tasks)."""
+        return None
 
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()
@@ -58,11 +77,40 @@ class Stage1Contrastive(Task):
 
     def train_transform(self) -> Callable:
         d = self.cfg.data
-        return transforms.MultiView(transforms.contrastive_view(self.stats, d.crop_scale_min, d.color_jitter, d.hflip))
+        view = transforms.contrastive_view(self.stats, d.crop_scale_min, d.color_jitter, d.hflip)
+        return transforms.MultiView(view, VIEWS)
 
     def loss(self, model, images, labels):
-        loss, stats = self.criterion(model(images), labels)
-        return loss, stats
+        return self.criterion(model(images), labels)
+
+    def contrast_terms(self, micro_batch: int, accum: int, world: int) -> int:
+        enlarged = accum if self.cfg.stage1.accumulation == "enlarge_contrast" else 1
+        return VIEWS * micro_batch * world * enlarged - 1
+
+    def train_step(self, engine, micro_batches):
+        if len(micro_batches) == 1 or self.cfg.stage1.accumulation == "plain":
+            return super().train_step(engine, micro_batches)
+        return self._feature_cache_step(engine, micro_batches)
+
+    def _feature_cache_step(self, engine, micro_batches):
+        """Contrast every anchor with all k micro-batches x all ranks (open_clip's accum-freq scheme).
+
+        A no-grad forward caches every micro-batch's projections; then each micro-batch j is recomputed with
+        gradient and the loss over the WHOLE accumulated batch is taken with only block j differentiable.
+        The k backward passes together give exactly the gradient of the one-big-batch loss, so DeepSpeed
+        must not divide them by k (scale_wrt_gas=False). The recompute must match the cached forward: the
+        stage-1 model has no dropout, and drop-path (if configured) makes this an approximation.
+        """
+        with torch.no_grad():
+            cached = [engine(images).detach() for images, _ in micro_batches]
+        labels = torch.cat([batch_labels for _, batch_labels in micro_batches])
+        stats: dict[str, torch.Tensor] = {}
+        for j, (images, _) in enumerate(micro_batches):
+            features = torch.cat(cached[:j] + [engine(images)] + cached[j + 1:])
+            loss, stats = self.criterion(features, labels)
+            engine.backward(loss, scale_wrt_gas=False)
+            engine.step()
+        return {key: value.detach().float() for key, value in stats.items()}
 
 
 class _Classification(Task):
@@ -78,7 +126,7 @@ class _Classification(Task):
     def loss(self, model, images, labels):
         logits = model(images).float()
         loss = F.cross_entropy(logits, labels)
-        return loss, {"accuracy": (logits.argmax(-1) == labels).float().mean().detach()}
+        return loss, {"loss": loss.detach(), "accuracy": (logits.argmax(-1) == labels).float().mean().detach()}
 
 
 class Stage2Linear(_Classification):
