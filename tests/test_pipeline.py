@@ -25,7 +25,7 @@ def _eval_keys(rank, world_size, root, workers):
     return keys, labels
 
 
-def test_eval_sees_every_sample_once(digits_root, world_size=3, workers=2):
+def test_eval_sees_every_sample_once(digits_root, world_size=2, workers=2):
     info = load_info(digits_root)
     split = info.split("test")
     assert split.num_samples % 32 and split.num_samples % world_size  # the uneven case is the one that matters
