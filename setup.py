@@ -29,5 +29,6 @@ setup(
     entry_points={"console_scripts": [
         "lacvit-train = lacvit_dist.cli:main",
         "lacvit-make-shards = lacvit_dist.data.make_shards:main",
+        "lacvit-inspect-shards = lacvit_dist.data.inspect:main",
     ]},
 )

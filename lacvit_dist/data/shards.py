@@ -191,6 +191,8 @@ def write_dataset(
     image_ext: str = "png",
     progress: bool = True,
     overwrite: bool = False,
+    max_shard_size: float | None = None,
+    notes: Mapping[str, Any] | None = None,
 ) -> DatasetInfo:
     """Write each split's (image bytes, label) samples as shards under `root`, then `_info.json`.
 
@@ -199,18 +201,26 @@ def write_dataset(
     removes only this layout's files (shards listed in the old info or named like ours, the info file).
     On any error the shards this call created are removed, so a failed write leaves nothing behind;
     `_info.json` is written last (tmp + os.replace) so an interrupted write never looks complete.
+    `max_shard_size` (bytes) also closes a shard once it holds that much (webdataset's ShardWriter
+    `maxsize`: checked before each sample, so a shard exceeds it by at most one sample); `notes`
+    (JSON-serialisable, e.g. how the split was made) is stored under the key "source".
     """
     root_path = Path(root).expanduser().resolve()
     _check_write_args(name, class_names, splits, samples_per_shard, image_ext)
+    if max_shard_size is not None and (isinstance(max_shard_size, bool)
+                                       or not isinstance(max_shard_size, numbers.Real) or not max_shard_size > 0):
+        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    if notes is not None:
+        json.dumps(notes)  # fail before writing anything if it cannot be stored
     _prepare_root(root_path, list(splits), overwrite)
     created: list[Path] = []
     try:
         split_meta = {}
         for split, samples in splits.items():
             lengths = _write_split(root_path, split, samples, len(class_names), samples_per_shard,
-                                   image_ext, progress, name, created)
+                                   image_ext, progress, name, created, max_shard_size)
             split_meta[split] = lengths
-        _write_info(root_path, name, class_names, image_ext, split_meta)
+        _write_info(root_path, name, class_names, image_ext, split_meta, notes)
     except BaseException:
         for path in created:
             path.unlink(missing_ok=True)
@@ -275,7 +285,7 @@ def _own_files(root: Path, split_names: list[str]) -> list[Path]:
 
 def _write_split(root: Path, split: str, samples: Iterable[tuple[bytes, int]], num_classes: int,
                  samples_per_shard: int, image_ext: str, progress: bool, name: str,
-                 created: list[Path]) -> list[tuple[str, int]]:
+                 created: list[Path], max_shard_size: float | None = None) -> list[tuple[str, int]]:
     """Write one split with webdataset's ShardWriter; returns [(file name, sample count)] in order."""
     import webdataset as wds  # deferred: it imports torch (~4 s), which reading _info.json never needs
 
@@ -286,7 +296,9 @@ def _write_split(root: Path, split: str, samples: Iterable[tuple[bytes, int]], n
     total = len(samples) if isinstance(samples, Sized) else None
     bar = tqdm(samples, total=total, desc=f"{name}/{split}", unit="img", disable=not progress,
                dynamic_ncols=True)
-    writer = wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, encoder=False, mtime=_TAR_MTIME)
+    maxsize = 3e9 if max_shard_size is None else float(max_shard_size)  # 3e9: ShardWriter's default
+    writer = wds.ShardWriter(pattern, maxcount=samples_per_shard, maxsize=maxsize, verbose=0, encoder=False,
+                             mtime=_TAR_MTIME)
     try:
         for n, sample in enumerate(bar):
             image, label = _check_sample(sample, split, n, num_classes, image_ext)
@@ -326,7 +338,7 @@ def _check_sample(sample: Any, split: str, n: int, num_classes: int, image_ext: 
 
 
 def _write_info(root: Path, name: str, class_names: Sequence[str], image_ext: str,
-                split_meta: dict[str, list[tuple[str, int]]]) -> None:
+                split_meta: dict[str, list[tuple[str, int]]], notes: Mapping[str, Any] | None = None) -> None:
     """Write `_info.json` atomically (tmp file in the same directory, fsync, os.replace)."""
     info = {
         "name": name,
@@ -345,6 +357,8 @@ def _write_info(root: Path, name: str, class_names: Sequence[str], image_ext: st
             for split, shards in split_meta.items()
         },
     }
+    if notes:
+        info["source"] = dict(notes)
     tmp = root / f".{INFO_FILE}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:

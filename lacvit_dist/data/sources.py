@@ -1,10 +1,31 @@
-"""Sample sources for shard writing: scikit-learn's digits, ImageFolder trees, a stratified split,
-and image encoding helpers (array / file -> PNG, JPEG or WebP bytes)."""
+"""Sample sources for shard writing, a stratified split, and image encoding helpers.
+
+Sources (all read local files; nothing downloads):
+
+* ``digits``: scikit-learn's bundled 8x8 digits; ``imagefolder``: ROOT/<class>/<image>. No official
+  split (the writer makes a stratified one).
+* ``cifar10`` / ``cifar100``: the official python-pickle archives, the ``.tar.gz`` itself (read with
+  tarfile, nothing extracted to disk) or its extracted folder; official train/test split.
+* ``cub``: CUB-200-2011 with its official train/test split (``train_test_split.txt``).
+* ``pets``: Oxford-IIIT Pet from ``annotations/trainval.txt`` and ``annotations/test.txt``.
+* ``flowers``: Oxford 102 Flowers from ``imagelabels.mat`` and ``setid.mat`` (official train/val/test).
+
+Every source is a :class:`Source`: class names, one int64 label per item, the official split (item
+indices per split, or None) and ``payload(i)``, which returns the item's image lazily as a file path
+(str) or a small uint8 array. Payloads are cheap to pickle, so worker processes can encode them;
+:func:`encode_payload` turns one into shard bytes (PNG / JPEG / WebP, optional downscale).
+"""
 from __future__ import annotations
 
 import io
 import os
+import pickle
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image
@@ -17,6 +38,38 @@ _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 # grey in PNG and JPEG: a third of the bytes, and no re-compression of grey JPEG files.
 _KEEP_MODES = {"png": ("L", "RGB"), "jpg": ("L", "RGB"), "webp": ("RGB",)}
 JPEG_QUALITY = 95
+# What a source hands out per item: a loadable file path, or a uint8 [H, W] / [H, W, 3] array.
+Payload = Union[str, os.PathLike, np.ndarray, bytes]
+
+
+class SourceError(ValueError):
+    """A source's files are missing or malformed; the message names the file (and line)."""
+
+
+@dataclass
+class Source:
+    """A labelled image set read lazily from local files.
+
+    `labels[i]` is item i's 0-based label and `payload(i)` its image (path or array), loaded only
+    when called. `splits` maps official split names ("train", "test", and "val" where the data set
+    defines one) to item indices in the official file order; None means the data set has no
+    official split. `notes` describes the split for `_info.json`.
+    """
+
+    name: str
+    class_names: list[str]
+    labels: np.ndarray
+    payload: Callable[[int], Payload]
+    splits: dict[str, np.ndarray] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def items(self, indices: Sequence[int] | None = None) -> Iterator[tuple[Payload, int]]:
+        """(payload, label) for the given indices (default: all), produced lazily one at a time."""
+        for i in range(len(self.labels)) if indices is None else indices:
+            yield self.payload(int(i)), int(self.labels[i])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,6 +117,346 @@ def _image_files(class_dir: Path) -> list[Path]:
     """Image files directly in `class_dir`, sorted by name for a deterministic order."""
     return sorted(p for p in class_dir.iterdir()
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def digits(name: str = "digits") -> Source:
+    """:func:`digits_source` as a :class:`Source` (no official split)."""
+    class_names, images, labels = digits_source()
+    return Source(name, class_names, labels, lambda i: images[i],
+                  notes={"source": "scikit-learn digits", "split": "stratified"})
+
+
+def image_folder(root: str | os.PathLike, name: str | None = None) -> Source:
+    """:func:`image_folder_source` as a :class:`Source` (no official split); payloads are paths."""
+    class_names, paths, labels = image_folder_source(root)
+    files = [str(p) for p in paths]
+    return Source(name or Path(root).expanduser().resolve().name, class_names, labels, files.__getitem__,
+                  notes={"source": "imagefolder", "split": "stratified"})
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (official python pickles)
+# ----------------------------------------------------------------------------------------------
+
+# variant -> (archive name, folder inside it, train files, test files, meta file, label key, names key)
+_CIFAR = {
+    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
+                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", "labels", "label_names"),
+    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python",
+                 ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
+}
+
+
+def cifar(root: str | os.PathLike, variant: str = "cifar10", name: str | None = None) -> Source:
+    """CIFAR-10 or CIFAR-100 from the official python version: `root` is the downloaded archive
+    (cifar-10-python.tar.gz / cifar-100-python.tar.gz, read in memory, nothing extracted), the
+    extracted folder (cifar-10-batches-py / cifar-100-python), or a directory holding either.
+
+    Official train (50,000) / test (10,000) split; CIFAR-100 uses the 100 fine labels and
+    fine_label_names. Payloads are uint8 [32, 32, 3] arrays (the whole set is ~180 MB in memory).
+    """
+    if variant not in _CIFAR:
+        raise ValueError(f"CIFAR variant must be one of {sorted(_CIFAR)}, got {variant!r}")
+    archive, folder, train_files, test_files, meta_file, label_key, names_key = _CIFAR[variant]
+    wanted = train_files + test_files + [meta_file]
+    path = Path(root).expanduser()
+    if path.is_dir() and not (path / meta_file).is_file():  # a parent directory: look for ours inside
+        if (path / folder).is_dir():
+            path = path / folder
+        elif (path / archive).is_file():
+            path = path / archive
+    if path.is_dir():
+        missing = [f for f in wanted if not (path / f).is_file()]
+        if missing:
+            raise SourceError(f"{variant} folder {path} lacks {', '.join(missing)} (expected the extracted "
+                              f"{archive}: {folder}/ with {', '.join(wanted)})")
+        blobs = {f: (path / f).read_bytes() for f in wanted}
+        where = {f: str(path / f) for f in wanted}
+    elif path.is_file():
+        blobs = _read_tar_members(path, wanted)
+        where = {f: f"{path}:{folder}/{f}" for f in wanted}
+    else:
+        raise SourceError(f"{variant} source {path} does not exist (give {archive} or its extracted {folder}/)")
+    meta = _unpickle(blobs[meta_file], where[meta_file])
+    class_names = [_text(n) for n in _pickle_key(meta, names_key, where[meta_file])]
+    arrays, labels, counts = [], [], {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        counts[split] = 0
+        for f in files:
+            batch = _unpickle(blobs.pop(f), where[f])
+            data = np.asarray(_pickle_key(batch, "data", where[f]))
+            lab = np.asarray(_pickle_key(batch, label_key, where[f]), dtype=np.int64)
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                raise SourceError(f"{where[f]}: 'data' must be uint8 [N, 3072], got {data.dtype} {list(data.shape)}")
+            if lab.shape != (len(data),):
+                raise SourceError(f"{where[f]}: {len(data)} images but {lab.size} {label_key!r}")
+            if lab.size and not (0 <= lab.min() and lab.max() < len(class_names)):
+                raise SourceError(f"{where[f]}: {label_key!r} outside [0, {len(class_names)}) "
+                                  f"(min {lab.min()}, max {lab.max()})")
+            arrays.append(data)
+            labels.append(lab)
+            counts[split] += len(data)
+    images = np.concatenate(arrays).reshape(-1, 3, 32, 32)  # channel planes R, G, B, rows of 32
+    n_train = counts["train"]
+    splits = {"train": np.arange(n_train), "test": np.arange(n_train, n_train + counts["test"])}
+    return Source(name or variant, class_names, np.concatenate(labels), lambda i: images[i].transpose(1, 2, 0),
+                  splits=splits, notes={"source": f"{variant} (official python version)", "split": "official train/test"})
+
+
+def _read_tar_members(path: Path, wanted: list[str]) -> dict[str, bytes]:
+    """The members of a (gzipped) tar whose base names are in `wanted`, read in one pass."""
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                base = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and base in wanted and base not in found:
+                    found[base] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise SourceError(f"cannot read archive {path}: {exc}") from None
+    missing = [f for f in wanted if f not in found]
+    if missing:
+        raise SourceError(f"archive {path} lacks {', '.join(missing)}")
+    return found
+
+
+def _unpickle(blob: bytes, where: str) -> dict:
+    try:
+        obj = pickle.loads(blob, encoding="bytes")  # the official files are Python 2 pickles
+    except Exception as exc:  # any unpickling failure means a malformed file
+        raise SourceError(f"{where}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise SourceError(f"{where}: expected a pickled dict, got {type(obj).__name__}")
+    return obj
+
+
+def _pickle_key(obj: dict, key: str, where: str) -> Any:
+    for k in (key.encode(), key):  # Python 2 pickles give bytes keys
+        if k in obj:
+            return obj[k]
+    raise SourceError(f"{where}: missing key {key!r} (has {sorted(_text(k) for k in obj)})")
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Line-based official lists (CUB, Pets)
+# ----------------------------------------------------------------------------------------------
+
+def _read_rows(path: Path, ncols: int, what: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of a whitespace-separated list file; blank and '#' lines skipped."""
+    if not path.is_file():
+        raise SourceError(f"missing {what} file {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if len(fields) != ncols:
+                raise SourceError(f"{path}:{lineno}: expected {ncols} fields, got {len(fields)}: {line.strip()!r}")
+            rows.append((lineno, fields))
+    if not rows:
+        raise SourceError(f"{what} file {path} has no entries")
+    return rows
+
+
+def _int_field(value: str, path: Path, lineno: int, what: str, lo: int | None = None,
+               hi: int | None = None) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise SourceError(f"{path}:{lineno}: {what} {value!r} is not an integer") from None
+    if (lo is not None and number < lo) or (hi is not None and number > hi):
+        raise SourceError(f"{path}:{lineno}: {what} {number} outside [{lo}, {hi}]")
+    return number
+
+
+def _check_files(files: Sequence[str], listed_at: Callable[[int], str]) -> None:
+    """Every listed image exists; the error names the first missing one and where it is listed."""
+    for n, fname in enumerate(files):
+        if not os.path.isfile(fname):
+            raise SourceError(f"image {fname} listed at {listed_at(n)} does not exist")
+
+
+# ----------------------------------------------------------------------------------------------
+# CUB-200-2011
+# ----------------------------------------------------------------------------------------------
+
+def cub(root: str | os.PathLike, name: str = "cub200") -> Source:
+    """CUB-200-2011 with its official split: `root` is the CUB_200_2011 folder (or its parent).
+
+    images.txt (`<id> <relative path>`), train_test_split.txt (`<id> <1 = train, 0 = test>`),
+    image_class_labels.txt (`<id> <class 1..200>`), classes.txt (`<class> <NNN.Name>`), images/.
+    Labels become 0-based; class names are classes.txt's names without the "NNN." prefix.
+    Official 5,994 train / 5,794 test images.
+    """
+    base = Path(root).expanduser()
+    if not (base / "images.txt").is_file() and (base / "CUB_200_2011" / "images.txt").is_file():
+        base = base / "CUB_200_2011"
+    classes = _read_rows(base / "classes.txt", 2, "CUB classes")
+    class_names = []
+    for expected, (lineno, (cid, cname)) in enumerate(classes, 1):
+        if _int_field(cid, base / "classes.txt", lineno, "class id") != expected:
+            raise SourceError(f"{base / 'classes.txt'}:{lineno}: class id {cid}, expected {expected} (ids 1..N in order)")
+        class_names.append(re.sub(r"^\d+\.", "", cname))
+    images = _id_table(base / "images.txt", "CUB images")
+    is_train = _id_table(base / "train_test_split.txt", "CUB train/test split")
+    class_of = _id_table(base / "image_class_labels.txt", "CUB image labels")
+    ids = sorted(images, key=int)
+    for other, other_path in ((is_train, "train_test_split.txt"), (class_of, "image_class_labels.txt")):
+        missing = [i for i in ids if i not in other]
+        extra = [i for i in other if i not in images]
+        if missing or extra:
+            what = f"has no line for image id {missing[0]}" if missing else f"names image id {extra[0]} not in images.txt"
+            raise SourceError(f"{base / other_path} {what}")
+    files, labels, train_flags = [], [], []
+    for image_id in ids:
+        lineno, rel = images[image_id]
+        files.append(str(base / "images" / rel))
+        flag_line, flag = is_train[image_id]
+        train_flags.append(_int_field(flag, base / "train_test_split.txt", flag_line, "train flag", 0, 1) == 1)
+        label_line, label = class_of[image_id]
+        labels.append(_int_field(label, base / "image_class_labels.txt", label_line, "class id", 1,
+                                 len(class_names)) - 1)
+    _check_files(files, lambda n: f"{base / 'images.txt'}:{images[ids[n]][0]}")
+    train_flags = np.asarray(train_flags, dtype=bool)
+    splits = {"train": np.flatnonzero(train_flags), "test": np.flatnonzero(~train_flags)}
+    return Source(name, class_names, np.asarray(labels, dtype=np.int64), files.__getitem__, splits=splits,
+                  notes={"source": "CUB-200-2011", "split": "official train_test_split.txt"})
+
+
+def _id_table(path: Path, what: str) -> dict[str, tuple[int, str]]:
+    """`<id> <value>` lines -> {id: (line number, value)}; duplicate ids are an error."""
+    table: dict[str, tuple[int, str]] = {}
+    for lineno, (key, value) in _read_rows(path, 2, what):
+        if key in table:
+            raise SourceError(f"{path}:{lineno}: image id {key} already listed at line {table[key][0]}")
+        table[key] = (lineno, value)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Oxford-IIIT Pet
+# ----------------------------------------------------------------------------------------------
+
+def pets(root: str | os.PathLike, name: str = "pets") -> Source:
+    """Oxford-IIIT Pet from its official lists: `root` holds annotations/trainval.txt,
+    annotations/test.txt (lines `<image name> <class id 1..37> <species> <breed id>`) and
+    images/<image name>.jpg. Labels are the class ids, 0-based. A class's name is the image name
+    without its trailing `_<number>`, spelled as in the official files (cats capitalised, e.g.
+    "Abyssinian", "Egyptian_Mau"; dogs lower-case, e.g. "american_bulldog").
+    Official 3,680 trainval ("train" here) / 3,669 test images.
+    """
+    base = Path(root).expanduser()
+    files, labels, origin, split_of = [], [], [], []
+    names: dict[int, tuple[str, Path, int]] = {}
+    seen: dict[str, tuple[Path, int]] = {}
+    for split, list_name in (("train", "trainval.txt"), ("test", "test.txt")):
+        list_path = base / "annotations" / list_name
+        for lineno, (image, cid, species, breed) in _read_rows(list_path, 4, f"Pets {split} list"):
+            class_id = _int_field(cid, list_path, lineno, "class id", 1)
+            _int_field(species, list_path, lineno, "species", 1, 2)
+            _int_field(breed, list_path, lineno, "breed id", 1)
+            if image in seen:
+                raise SourceError(f"{list_path}:{lineno}: image {image} already listed at "
+                                  f"{seen[image][0]}:{seen[image][1]}")
+            seen[image] = (list_path, lineno)
+            class_name = image.rsplit("_", 1)[0]
+            if "_" not in image or not class_name:
+                raise SourceError(f"{list_path}:{lineno}: image name {image!r} is not <breed>_<number>")
+            if class_id in names and names[class_id][0] != class_name:
+                first = names[class_id]
+                raise SourceError(f"{list_path}:{lineno}: class id {class_id} is {class_name!r} here but "
+                                  f"{first[0]!r} at {first[1]}:{first[2]}")
+            names.setdefault(class_id, (class_name, list_path, lineno))
+            files.append(str(base / "images" / f"{image}.jpg"))
+            labels.append(class_id - 1)
+            origin.append((list_path, lineno))
+            split_of.append(split == "train")
+    num_classes = max(names)
+    absent = [c for c in range(1, num_classes + 1) if c not in names]
+    if absent:
+        raise SourceError(f"Pets class id {absent[0]} has no image in {base / 'annotations'}/trainval.txt or "
+                          "test.txt, so its name is unknown")
+    class_names = [names[c][0] for c in range(1, num_classes + 1)]
+    if len(set(class_names)) != len(class_names):
+        raise SourceError(f"Pets: two class ids share a breed name in {base / 'annotations'}: {class_names}")
+    _check_files(files, lambda n: f"{origin[n][0]}:{origin[n][1]}")
+    flags = np.asarray(split_of, dtype=bool)
+    splits = {"train": np.flatnonzero(flags), "test": np.flatnonzero(~flags)}
+    return Source(name, class_names, np.asarray(labels, dtype=np.int64), files.__getitem__, splits=splits,
+                  notes={"source": "Oxford-IIIT Pet", "split": "official trainval.txt (train) / test.txt"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Oxford 102 Flowers
+# ----------------------------------------------------------------------------------------------
+
+def flowers(root: str | os.PathLike, name: str = "flowers102") -> Source:
+    """Oxford 102 Flowers from its official files in `root`: imagelabels.mat (`labels`, 1..102 per
+    image), setid.mat (`trnid`, `valid`, `tstid`: 1-based image ids) and jpg/image_NNNNN.jpg.
+
+    The official split is kept as published: train and val have 10 images per class (1,020 each)
+    and test is the large part (6,149). The data set ships no class names: names are the official
+    1-based label as three digits ("001".."102"), so name = label + 1.
+    """
+    from scipy.io import loadmat  # deferred: only this source needs scipy
+
+    base = Path(root).expanduser()
+
+    def load(fname: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        path = base / fname
+        if not path.is_file():
+            raise SourceError(f"missing 102 Flowers file {path}")
+        try:
+            mat = loadmat(path)
+        except Exception as exc:  # scipy raises several types for malformed files
+            raise SourceError(f"{path}: not a readable .mat file ({type(exc).__name__}: {exc})") from None
+        out = {}
+        for key in keys:
+            if key not in mat:
+                raise SourceError(f"{path}: missing variable {key!r} (has {sorted(k for k in mat if not k.startswith('__'))})")
+            value = np.asarray(mat[key]).ravel()
+            if value.size == 0 or not np.issubdtype(value.dtype, np.number) or not np.all(value == np.round(value)):
+                raise SourceError(f"{path}: {key!r} must be a non-empty vector of integers")
+            out[key] = value.astype(np.int64)
+        return out
+
+    raw_labels = load("imagelabels.mat", ["labels"])["labels"]
+    ids = load("setid.mat", ["trnid", "valid", "tstid"])
+    if raw_labels.min() < 1:
+        raise SourceError(f"{base / 'imagelabels.mat'}: 'labels' must be 1-based, found {raw_labels.min()}")
+    num_classes = int(raw_labels.max())
+    owner: dict[int, str] = {}
+    splits = {}
+    for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid")):
+        idx = ids[key]
+        bad = idx[(idx < 1) | (idx > len(raw_labels))]
+        if bad.size:
+            raise SourceError(f"{base / 'setid.mat'}: {key!r} holds image id {bad[0]} outside "
+                              f"[1, {len(raw_labels)}] (imagelabels.mat has {len(raw_labels)} labels)")
+        for image_id in idx.tolist():
+            if image_id in owner:
+                raise SourceError(f"{base / 'setid.mat'}: image id {image_id} is in both {owner[image_id]!r} and {key!r}")
+            owner[image_id] = key
+        splits[split] = idx - 1
+    files = [str(base / "jpg" / f"image_{i:05d}.jpg") for i in range(1, len(raw_labels) + 1)]
+    used = np.concatenate(list(splits.values()))
+    _check_files([files[i] for i in used], lambda n: f"{base / 'setid.mat'} (image id {used[n] + 1})")
+    class_names = [f"{c:03d}" for c in range(1, num_classes + 1)]
+    return Source(name, class_names, raw_labels - 1, files.__getitem__, splits=splits,
+                  notes={"source": "Oxford 102 Flowers",
+                         "split": "official setid.mat: trnid (train), valid (val), tstid (test)"})
+
+
+SOURCES: dict[str, Callable[..., Source]] = {
+    "digits": digits, "imagefolder": image_folder, "cub": cub, "pets": pets, "flowers": flowers,
+    "cifar10": lambda root, name=None: cifar(root, "cifar10", name),
+    "cifar100": lambda root, name=None: cifar(root, "cifar100", name),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,47 +520,108 @@ def _apportion(n: int, frac: np.ndarray, deficit: np.ndarray) -> np.ndarray:
 # Encoding
 # ----------------------------------------------------------------------------------------------
 
-def encode_image(image: Image.Image, fmt: str = "png") -> bytes:
-    """Encode a PIL image as `fmt` (png, jpg, webp), converting modes the format should not hold."""
+def encode_image(image: Image.Image, fmt: str = "png", quality: int = JPEG_QUALITY,
+                 max_side: int | None = None) -> bytes:
+    """Encode a PIL image as `fmt` (png, jpg, webp), converting modes the format should not hold;
+    `quality` applies to JPEG; `max_side` downscales so the longer side is at most that many pixels."""
     fmt = _check_format(fmt)
     if image.mode not in _KEEP_MODES[fmt]:
         image = image.convert("RGB")
+    image = _downscale(image, max_side)
     buf = io.BytesIO()
     if fmt == "png":
         image.save(buf, format="PNG", optimize=False)
     elif fmt == "jpg":
-        image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        image.save(buf, format="JPEG", quality=_check_quality(quality))
     else:
         image.save(buf, format="WEBP", lossless=True)
     return buf.getvalue()
 
 
-def encode_array(array: np.ndarray, fmt: str = "png") -> bytes:
+def encode_array(array: np.ndarray, fmt: str = "png", quality: int = JPEG_QUALITY,
+                 max_side: int | None = None) -> bytes:
     """uint8 [H, W] (grey) or [H, W, 3] (RGB) array -> encoded bytes."""
     array = np.asarray(array)
     if array.dtype != np.uint8:
         raise ValueError(f"image array must be uint8, got {array.dtype}")
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         raise ValueError(f"image array must be [H, W] or [H, W, 3], got shape {array.shape}")
-    return encode_image(Image.fromarray(array), fmt)  # uint8 2-D -> mode L, [H, W, 3] -> RGB
+    # uint8 2-D -> mode L, [H, W, 3] -> RGB
+    return encode_image(Image.fromarray(np.ascontiguousarray(array)), fmt, quality, max_side)
 
 
-def encode_file(path: str | os.PathLike, fmt: str = "png") -> bytes:
+def encode_file(path: str | os.PathLike, fmt: str = "png", quality: int = JPEG_QUALITY,
+                max_side: int | None = None) -> bytes:
     """An image file's bytes in `fmt`: the original bytes when the file already is that format in
-    a mode the format keeps (no second JPEG compression), otherwise decoded and re-encoded."""
+    a mode the format keeps and needs no downscaling (no second JPEG compression), otherwise
+    decoded and re-encoded."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    return encode_bytes(data, fmt, quality, max_side, name=str(path))
+
+
+def encode_bytes(data: bytes, fmt: str = "png", quality: int = JPEG_QUALITY, max_side: int | None = None,
+                 name: str = "<bytes>") -> bytes:
+    """Like :func:`encode_file` for an encoded image already in memory; errors name `name`."""
     fmt = _check_format(fmt)
-    data = Path(path).read_bytes()
+    _check_max_side(max_side)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decode fully: a truncated file fails here, not in a training worker
-            if image.format == _PIL_FORMAT[fmt] and image.mode in _KEEP_MODES[fmt]:
+            if (image.format == _PIL_FORMAT[fmt] and image.mode in _KEEP_MODES[fmt]
+                    and (max_side is None or max(image.size) <= max_side)):
                 return data
-            return encode_image(image, fmt)
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for unreadable images
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+            return encode_image(image, fmt, quality, max_side)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # unreadable images
+        raise ValueError(f"cannot read image {name}: {exc}") from None
+
+
+def encode_payload(payload: Payload, fmt: str = "png", quality: int = JPEG_QUALITY,
+                   max_side: int | None = None) -> bytes:
+    """A source payload (file path, encoded bytes or uint8 array) -> shard image bytes."""
+    if isinstance(payload, np.ndarray):
+        return encode_array(payload, fmt, quality, max_side)
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return encode_bytes(bytes(payload), fmt, quality, max_side)
+    return encode_file(payload, fmt, quality, max_side)
+
+
+def encode_many(payloads: Sequence[Payload], fmt: str = "png", quality: int = JPEG_QUALITY,
+                max_side: int | None = None) -> list[bytes]:
+    """:func:`encode_payload` over a batch (one task of a worker pool)."""
+    return [encode_payload(p, fmt, quality, max_side) for p in payloads]
+
+
+def _downscale(image: Image.Image, max_side: int | None) -> Image.Image:
+    """Shrink so the longer side is `max_side` (aspect ratio kept, sides rounded, at least 1 px);
+    images already small enough are returned unchanged (never upscaled)."""
+    _check_max_side(max_side)
+    width, height = image.size
+    if max_side is None or max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if width >= height:
+        size = (max_side, size[1])
+    else:
+        size = (size[0], max_side)
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def _check_format(fmt: str) -> str:
     if fmt not in _PIL_FORMAT:
         raise ValueError(f"image format must be one of {sorted(_PIL_FORMAT)}, got {fmt!r}")
     return fmt
+
+
+def _check_quality(quality: int) -> int:
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be an integer in [1, 100], got {quality!r}")
+    return quality
+
+
+def _check_max_side(max_side: int | None) -> None:
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+        raise ValueError(f"max_side must be a positive integer or None, got {max_side!r}")
