@@ -3,6 +3,7 @@ process), run the configured stages in order and print their results."""
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from pathlib import Path
@@ -74,7 +75,30 @@ def run(cfg: Config) -> dict[str, dict[str, Any]]:
         else:
             task = BaselineFinetune(cfg, info.num_classes)
         results[name] = train_stage(cfg, task, info, run_dir / name)
+        if dist_utils.rank() == 0:
+            write_summary(results, run_dir / "summary.csv")
     return results
+
+
+SUMMARY_COLUMNS = ("stage", "epochs", "steps", "global_batch", "world_size", "contrast_terms", "val_top1",
+                   "val_knn_top1", "test_top1", "test_top5", "test_samples", "wall_time_s")
+
+
+def write_summary(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """One row per finished stage (rewritten atomically after each stage)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        for name, res in results.items():
+            val, test = res.get("val", {}), res.get("test", {})
+            writer.writerow({"stage": name, "epochs": res["epochs"], "steps": res["steps"],
+                             "global_batch": res["global_batch"], "world_size": res["world_size"],
+                             "contrast_terms": res.get("contrast_terms"), "val_top1": val.get("top1"),
+                             "val_knn_top1": val.get("knn_top1"), "test_top1": test.get("top1"),
+                             "test_top5": test.get("top5"), "test_samples": test.get("samples"),
+                             "wall_time_s": round(res["wall_time_s"], 1)})
+    os.replace(tmp, path)
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:

@@ -153,6 +153,19 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+@torch.no_grad()
+def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0 when ranks hold different numbers of rows (evaluation
+    shares): sizes are exchanged first, rows padded to the largest share, and the padding dropped."""
+    if world_size() == 1:
+        return x
+    sizes = all_gather_no_grad(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    parts = all_gather_no_grad(padded).split(max(sizes))
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of `x` over ranks (a new, detached tensor; `x` is left untouched)."""
     x = x.detach().clone()

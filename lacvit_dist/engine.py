@@ -21,10 +21,11 @@ from .config import Config, StageConfig, check_batch_arithmetic, to_dict
 from .data.pipeline import eval_loader, train_loader
 from .data.shards import DatasetInfo
 from .data.transforms import evaluation
-from .evaluation import evaluate_classifier
+from .evaluation import evaluate_classifier, evaluate_embeddings
+from .figures import confusion_matrix_image, per_class_bar_image
 from .models import ContrastiveModel
 from .tasks import Task
-from .tb import Scalars, log
+from .tb import TensorBoard, log
 
 
 def deepspeed_config(cfg: Config, stage: StageConfig, world_size: int) -> dict[str, Any]:
@@ -104,8 +105,8 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     batches = train_loader(train_split, info.num_classes, task.train_transform(), stage.micro_batch_size,
                            seed=cfg.run.seed, num_workers=cfg.data.num_workers,
                            shuffle_buffer=cfg.data.shuffle_buffer)
-    scalars = Scalars(stage_dir / "tb" if rank == 0 and cfg.logging.tensorboard else None, task.name)
-    eval_transform = evaluation(task.stats)
+    tb = TensorBoard(stage_dir / "tb" if rank == 0 and cfg.logging.tensorboard else None, task.name)
+    evaluate = _Evaluator(cfg, task, engine, info, tb)
 
     step, window_start, window_steps = 0, time.time(), 0
     running: dict[str, torch.Tensor] = {}
@@ -130,25 +131,22 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
                           for k, v in running.items()}
                 values["lr"] = engine.get_lr()[0]
                 values["images_per_s"] = global_batch * window_steps / elapsed
-                scalars.add(values, step)
+                tb.scalars(values, step)
                 history.append({"step": step, "epoch": epoch, **values})
                 log.info("%s epoch %d step %d/%d  %s", task.name, epoch + 1, step, total_steps,
                          "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
                 running, window_start, window_steps = {}, time.time(), 0
-        if task.classifies and (epoch + 1) % stage.eval_every_epochs == 0 and epoch + 1 < stage.epochs:
-            val = _evaluate(cfg, task, engine, info, cfg.data.val_split, eval_transform, stage)
-            scalars.add(val, step, group="val")
-            log.info("%s epoch %d val top1 %.4f top5 %.4f", task.name, epoch + 1, val["top1"], val["top5"])
+        if (epoch + 1) % stage.eval_every_epochs == 0 and epoch + 1 < stage.epochs:
+            evaluate(cfg.data.val_split, step, epoch + 1)
 
     results: dict[str, Any] = {"stage": task.name, "steps": step, "epochs": stage.epochs,
                                "global_batch": global_batch, "world_size": world, "contrast_terms": terms,
                                "train_log": history}
+    # The model evaluated is the last one: nothing is selected on validation or test data. Stage 1 never
+    # touches the test split (its monitor uses train + val); the classifiers report it once, at the end.
+    results["val"] = evaluate(cfg.data.val_split, step, stage.epochs, images=True)
     if task.classifies:
-        # The model evaluated is the last one: nothing is selected on validation or test data.
-        results["val"] = _evaluate(cfg, task, engine, info, cfg.data.val_split, eval_transform, stage)
-        results["test"] = _evaluate(cfg, task, engine, info, cfg.data.test_split, eval_transform, stage)
-        scalars.add(results["val"], step, group="val")
-        scalars.add(results["test"], step, group="test")
+        results["test"] = evaluate(cfg.data.test_split, step, stage.epochs, images=True)
 
     engine.save_checkpoint(str(stage_dir / "checkpoints"), tag=f"step{step}",
                            client_state={"step": step, "epoch": stage.epochs})
@@ -156,22 +154,52 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     results["wall_time_s"] = time.time() - started
     if rank == 0:
         write_json(results, stage_dir / "results.json")
-    scalars.close()
+    tb.close()
     dist_utils.barrier()
     del engine, optimizer, batches
     gc.collect()
     return results
 
 
-def _evaluate(cfg: Config, task: Task, engine, info: DatasetInfo, split_name: str, transform,
-              stage: StageConfig) -> dict[str, float]:
-    split = info.split(split_name)
-    loader = eval_loader(split, info.num_classes, transform, stage.micro_batch_size, rank=dist_utils.rank(),
-                         world_size=dist_utils.world_size(), num_workers=cfg.data.num_workers)
-    metrics = evaluate_classifier(engine.module, loader, engine.device, _model_dtype(engine),
-                                  expected_samples=split.num_samples, where=f"split {split_name!r} of {info.root}")
-    task.set_train_mode(engine.module)
-    return metrics
+class _Evaluator:
+    """Evaluates the task on a whole split: classifiers by accuracy, stage 1 by its kNN / health monitor."""
+
+    def __init__(self, cfg: Config, task: Task, engine, info: DatasetInfo, tb: TensorBoard):
+        self.cfg, self.task, self.engine, self.info, self.tb = cfg, task, engine, info, tb
+        self.transform = evaluation(task.stats)
+        self.batch_size = cfg.stage(task.name).micro_batch_size
+
+    def _loader(self, split_name: str):
+        return eval_loader(self.info.split(split_name), self.info.num_classes, self.transform, self.batch_size,
+                           rank=dist_utils.rank(), world_size=dist_utils.world_size(),
+                           num_workers=self.cfg.data.num_workers)
+
+    def __call__(self, split_name: str, step: int, epoch: int, images: bool = False) -> dict[str, Any]:
+        engine, task, where = self.engine, self.task, f"split {split_name!r} of {self.info.root}"
+        device, dtype = engine.device, _model_dtype(engine)
+        if task.classifies:
+            metrics = evaluate_classifier(engine.module, self._loader(split_name), device, dtype,
+                                          self.info.num_classes, self.info.split(split_name).num_samples, where)
+            log.info("%s epoch %d %s top1 %.4f top5 %.4f (%d samples)", task.name, epoch, split_name,
+                     metrics["top1"], metrics["top5"], metrics["samples"])
+            if images and dist_utils.rank() == 0 and self.cfg.logging.tensorboard:
+                names = self.info.class_names
+                self.tb.image("confusion", confusion_matrix_image(metrics["confusion"], names), step, split_name)
+                self.tb.image("per_class_accuracy", per_class_bar_image(
+                    metrics["per_class_accuracy"], names, support=metrics["support"]), step, split_name)
+        else:
+            engine.module.eval()
+            expected = (self.info.split(self.cfg.data.train_split).num_samples,
+                        self.info.split(split_name).num_samples)
+            metrics = evaluate_embeddings(task.encode(engine.module), self._loader(self.cfg.data.train_split),
+                                          self._loader(split_name), device, dtype, self.info.num_classes,
+                                          expected, where)
+            log.info("%s epoch %d %s kNN top1 %.4f, backbone isotropy %.3f, effective rank %.1f", task.name,
+                     epoch, split_name, metrics["knn_top1"], metrics["backbone/isotropy"],
+                     metrics["backbone/effective_rank"])
+        task.set_train_mode(engine.module)
+        self.tb.scalars(metrics, step, group=split_name)
+        return metrics
 
 
 def _export(cfg: Config, task: Task, engine, stage_dir: Path, step: int) -> Path:

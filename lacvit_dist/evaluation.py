@@ -1,35 +1,84 @@
-"""Classification evaluation over a whole split: every sample exactly once across ranks, counts summed
-with all-reduce, and a hard error if the count differs from the split's size."""
+"""Evaluation over whole splits: every sample exactly once across ranks (the loaders guarantee it; the
+counts are checked against the split size), per-rank partial results combined with collectives.
+
+* classifiers: Top-1/Top-5, mean cross-entropy, confusion matrix, per-class accuracy;
+* stage 1 (no classifier yet): weighted kNN accuracy of backbone embeddings (train split as the memory bank,
+  val split as queries) and embedding health of the val embeddings, backbone and projection.
+"""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist_utils
+from .metrics import confusion_matrix, embedding_health, knn_correct, per_class_accuracy, topk_correct
+
+
+def _check_count(samples: int, expected: int, where: str) -> None:
+    if samples != expected:
+        raise RuntimeError(f"evaluation of {where} saw {samples} samples, the split has {expected}")
 
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, batches: Iterable, device: torch.device, dtype: torch.dtype,
-                        expected_samples: int, where: str) -> dict[str, float]:
-    """Top-1, Top-5 (Top-k with k = min(5, classes)) and mean cross-entropy over the split."""
+                        num_classes: int, expected_samples: int, where: str) -> dict:
+    """Top-1, Top-5 (k clipped to the number of classes), mean cross-entropy, confusion matrix (rows = true
+    class) and per-class accuracy over the whole split."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # samples, top1, top5, loss sum
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # top-5 hits, loss sum
     for images, labels, _ in batches:
         logits = model(images.to(device, dtype)).float()
         labels = labels.to(device)
-        k = min(5, logits.shape[-1])
-        topk = logits.topk(k, dim=-1).indices
-        hits = topk == labels[:, None]
-        totals += torch.stack([
-            torch.tensor(float(labels.numel()), device=device, dtype=torch.float64),
-            hits[:, 0].sum().double(), hits.any(-1).sum().double(),
-            F.cross_entropy(logits, labels, reduction="sum").double()])
+        confusion += confusion_matrix(logits.argmax(-1), labels, num_classes)
+        sums += torch.stack([topk_correct(logits, labels, ks=(5,))[5].double(),
+                             F.cross_entropy(logits, labels, reduction="sum").double()])
     model.train(was_training)
-    samples, top1, top5, loss = dist_utils.all_reduce_sum(totals).tolist()
-    if int(samples) != expected_samples:
-        raise RuntimeError(f"evaluation of {where} saw {int(samples)} samples, the split has {expected_samples}")
-    return {"top1": top1 / samples, "top5": top5 / samples, "loss": loss / samples, "samples": int(samples)}
+    confusion = dist_utils.all_reduce_sum(confusion)
+    top5, loss = dist_utils.all_reduce_sum(sums).tolist()
+    samples = int(confusion.sum())
+    _check_count(samples, expected_samples, where)
+    accuracy, support = per_class_accuracy(confusion)
+    return {"top1": float(confusion.diag().sum()) / samples, "top5": top5 / samples, "loss": loss / samples,
+            "samples": samples, "per_class_accuracy": accuracy.tolist(), "support": support.tolist(),
+            "confusion": confusion.tolist()}
+
+
+@torch.no_grad()
+def embed_split(encode: Callable[[torch.Tensor], dict[str, torch.Tensor]], batches: Iterable,
+                device: torch.device, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """This rank's share of a split through `encode` (name -> [batch, d] embeddings), and its labels."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    labels = []
+    for images, batch_labels, _ in batches:
+        for name, value in encode(images.to(device, dtype)).items():
+            parts.setdefault(name, []).append(value.float())
+        labels.append(batch_labels.to(device))
+    return {k: torch.cat(v) for k, v in parts.items()}, torch.cat(labels)
+
+
+def evaluate_embeddings(encode: Callable[[torch.Tensor], dict[str, torch.Tensor]], bank_batches: Iterable,
+                        query_batches: Iterable, device: torch.device, dtype: torch.dtype, num_classes: int,
+                        expected: tuple[int, int], where: str, k: int = 20) -> dict[str, float]:
+    """kNN accuracy of the "backbone" embeddings (bank: every training sample, gathered on every rank;
+    queries: this rank's share of the val split, correct counts summed) and embedding health of the gathered
+    val embeddings, per embedding name ("backbone/isotropy", "projection/mean_cosine", ...)."""
+    bank, bank_labels = embed_split(encode, bank_batches, device, dtype)
+    bank = dist_utils.all_gather_variable(bank["backbone"])
+    bank_labels = dist_utils.all_gather_variable(bank_labels)
+    query, query_labels = embed_split(encode, query_batches, device, dtype)
+    correct = knn_correct(bank, bank_labels, query["backbone"], query_labels, k=k, num_classes=num_classes)
+    correct, queries = dist_utils.all_reduce_sum(
+        torch.stack([correct.double(), torch.tensor(float(len(query_labels)), device=device, dtype=torch.float64)]))
+    _check_count(len(bank_labels), expected[0], f"{where} (kNN bank)")
+    _check_count(int(queries), expected[1], where)
+    results = {"knn_top1": float(correct / queries), "samples": int(queries)}
+    all_query_labels = dist_utils.all_gather_variable(query_labels)
+    for name, values in query.items():
+        health = embedding_health(dist_utils.all_gather_variable(values), all_query_labels)
+        results.update({f"{name}/{key}": value for key, value in health.items()})
+    return results

@@ -83,6 +83,13 @@ class Stage1Contrastive(Task):
     def loss(self, model, images, labels):
         return self.criterion(model(images), labels)
 
+    def encode(self, model: nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+        """Backbone embedding and L2-normalised projection, for the kNN / embedding-health monitor."""
+        def both(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            features = model.backbone(images)
+            return {"backbone": features, "projection": model.head(features)}
+        return both
+
     def contrast_terms(self, micro_batch: int, accum: int, world: int) -> int:
         enlarged = accum if self.cfg.stage1.accumulation == "enlarge_contrast" else 1
         return VIEWS * micro_batch * world * enlarged - 1

@@ -5,6 +5,8 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger("lacvit_dist")
@@ -19,18 +21,24 @@ def setup_console(rank: int) -> None:
     log.propagate = False
 
 
-class Scalars:
-    """Scalar logger grouped per stage ("stage1/train/loss"); a no-op on ranks other than 0."""
+class TensorBoard:
+    """Scalars and images grouped per stage ("stage1/train/loss"); a no-op on ranks other than 0."""
 
     def __init__(self, log_dir: Path | None, stage: str):
         self.stage = stage
         self.writer = SummaryWriter(str(log_dir)) if log_dir is not None else None
 
-    def add(self, values: dict[str, float], step: int, group: str = "train") -> None:
+    def scalars(self, values: dict, step: int, group: str = "train") -> None:
+        """Logs the numeric entries of `values` (lists such as per-class accuracy are skipped)."""
         if self.writer is None:
             return
         for key, value in values.items():
-            self.writer.add_scalar(f"{self.stage}/{group}/{key}", value, step)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{self.stage}/{group}/{key}", value, step)
+
+    def image(self, name: str, image: np.ndarray, step: int, group: str) -> None:
+        if self.writer is not None:
+            self.writer.add_image(f"{self.stage}/{group}/{name}", image, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,5 +1,6 @@
 """End to end through the real launchers: `deepspeed train.py` and `torchrun train.py` with 2 CPU ranks (gloo),
 and a plain `python train.py`; stage 2 consumes stage 1's backbone; the exported classifier loads in timm."""
+import csv
 import json
 import os
 import subprocess
@@ -42,10 +43,10 @@ def results(run_dir: Path, stage: str) -> dict:
     return json.loads((run_dir / stage / "results.json").read_text())
 
 
-def scalar_tags(log_dir: Path) -> set[str]:
+def tags(log_dir: Path) -> dict[str, set[str]]:
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
-    return set(acc.Tags()["scalars"])
+    return {kind: set(names) for kind, names in acc.Tags().items() if isinstance(names, list)}
 
 
 def test_deepspeed_launcher_two_ranks_all_stages(digits_root, tmp_path):
@@ -73,13 +74,27 @@ def test_deepspeed_launcher_two_ranks_all_stages(digits_root, tmp_path):
     baseline = load_file(run_dir / "baseline" / "classifier.safetensors")
     assert not torch.equal(baseline["blocks.0.attn.qkv.weight"], classifier["blocks.0.attn.qkv.weight"])
 
-    assert {"stage1/train/loss", "stage1/train/lr", "stage1/train/images_per_s"} <= scalar_tags(run_dir / "stage1" / "tb")
-    assert {"stage2/train/loss", "stage2/test/top1", "stage2/val/top1"} <= scalar_tags(run_dir / "stage2" / "tb")
+    # Stage 1 is monitored on train + val only (kNN, embedding health); the test split is for the classifiers.
+    assert "test" not in s1 and s1["val"]["samples"] == info.split("val").num_samples
+    assert 0.0 <= s1["val"]["knn_top1"] <= 1.0 and 0.0 < s1["val"]["backbone/isotropy"] <= 1.0
+    assert sum(map(sum, s2["test"]["confusion"])) == s2["test"]["samples"]
+    assert sum(s2["test"]["support"]) == s2["test"]["samples"]
+
+    stage1_tags = tags(run_dir / "stage1" / "tb")
+    assert {"stage1/train/loss", "stage1/train/lr", "stage1/train/images_per_s", "stage1/val/knn_top1",
+            "stage1/val/backbone/isotropy", "stage1/val/projection/effective_rank"} <= stage1_tags["scalars"]
+    stage2_tags = tags(run_dir / "stage2" / "tb")
+    assert {"stage2/train/loss", "stage2/test/top1", "stage2/val/top1"} <= stage2_tags["scalars"]
+    assert {"stage2/test/confusion", "stage2/test/per_class_accuracy"} <= set(stage2_tags["images"])
+    summary = list(csv.DictReader(open(run_dir / "summary.csv")))
+    assert [row["stage"] for row in summary] == ["stage1", "stage2", "baseline"]
+    assert float(summary[1]["test_top1"]) == pytest.approx(s2["test"]["top1"])
 
     # The exported classifier is a plain timm checkpoint: timm loads it and reproduces the reported accuracy.
     cfg = load_config(run_dir / "config.yaml")
     model = timm.create_model(cfg.model.name, checkpoint_path=str(run_dir / "stage2" / "classifier.safetensors"),
-                              num_classes=info.num_classes, **cfg.model.overrides).eval()
+                              num_classes=info.num_classes, global_pool=cfg.model.global_pool,
+                              **cfg.model.overrides).eval()
     correct = total = 0
     with torch.no_grad():
         for images, labels, _ in eval_loader(info.split("test"), info.num_classes, evaluation(image_stats(model)), 64,
