@@ -49,9 +49,15 @@ def tags(log_dir: Path) -> dict[str, set[str]]:
     return {kind: set(names) for kind, names in acc.Tags().items() if isinstance(names, list)}
 
 
-def test_deepspeed_launcher_two_ranks_all_stages(digits_root, tmp_path):
-    run_dir = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())], tmp_path,
-                     digits_root, "run.stages=[stage1,stage2,baseline]")
+@pytest.fixture(scope="module")
+def deepspeed_run(digits_root, tmp_path_factory) -> Path:
+    """All three stages, 2 ranks, under the deepspeed launcher (shared by the tests below)."""
+    return launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())],
+                  tmp_path_factory.mktemp("ds"), digits_root, "run.stages=[stage1,stage2,baseline]")
+
+
+def test_deepspeed_launcher_two_ranks_all_stages(digits_root, deepspeed_run):
+    run_dir = deepspeed_run
     info = load_info(digits_root)
     assert (run_dir / "config.yaml").exists()
     assert load_config(run_dir / "config.yaml").model.overrides["depth"] == 1  # the merged config was written
@@ -135,3 +141,25 @@ def test_finished_stage_is_never_overwritten(digits_root, tmp_path, capsys):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     assert code == 2 and "already holds a finished stage1" in capsys.readouterr().err
     assert (finished / "results.json").read_text() == "{}"
+
+
+def test_evaluate_tool_reproduces_training_metrics(digits_root, deepspeed_run, tmp_path, capsys):
+    from lacvit_dist.offline_eval import main as evaluate
+
+    classifier = deepspeed_run / "stage2" / "classifier.safetensors"
+    assert evaluate([str(classifier), "--data", str(digits_root), "--embeddings", "--workers", "0",
+                     "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    trained = results(deepspeed_run, "stage2")["test"]
+    assert metrics["classification"]["top1"] == pytest.approx(trained["top1"], abs=1e-9)
+    assert metrics["classification"]["confusion"] == trained["confusion"]
+    assert 0.0 <= metrics["embeddings"]["knn_top1"] <= 1.0
+    for png in ("confusion.png", "per_class_accuracy.png", "embeddings_pca.png"):
+        assert (tmp_path / "ev" / png).stat().st_size > 1000
+    # Nothing is overwritten; a stage-1 backbone gets the embedding report only.
+    assert evaluate([str(classifier), "--data", str(digits_root), "--out", str(tmp_path / "ev")]) == 2
+    backbone = deepspeed_run / "stage1" / "backbone.safetensors"
+    assert evaluate([str(backbone), "--data", str(digits_root), "--split", "val", "--workers", "0",
+                     "--out", str(tmp_path / "ev1")]) == 0
+    metrics = json.loads((tmp_path / "ev1" / "metrics.json").read_text())
+    assert "classification" not in metrics and metrics["embeddings"]["samples"] == load_info(digits_root).split("val").num_samples

@@ -1,0 +1,123 @@
+"""`tools/evaluate.py`: evaluate any exported stage output on any split of a shard set.
+
+* a classifier (`stage2|baseline/classifier.safetensors`): Top-1/Top-5, loss, per-class accuracy, confusion
+  matrix (JSON + PNG images);
+* `--embeddings` (or a stage-1 `backbone.safetensors`): kNN accuracy (bank = the train split), embedding
+  health of the split's embeddings, and a 2-D PCA plot coloured by class.
+
+The model is rebuilt from the manifest written beside the weights (`<name>.json`: timm name, size overrides,
+pooling, classes). Runs as one process, or under torchrun / the deepspeed launcher (each rank evaluates its
+share; every sample counted once).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from . import distributed as dist_utils
+from .config import ModelConfig
+from .data.pipeline import eval_loader
+from .data.shards import load_info
+from .data.transforms import evaluation
+from .evaluation import embed_split, evaluate_classifier, evaluate_embeddings
+from .figures import confusion_matrix_image, per_class_bar_image, save_png, scatter_image
+from .models import create_backbone, image_stats
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="classifier.safetensors or backbone.safetensors")
+    parser.add_argument("--data", required=True, type=Path, help="shard folder with _info.json")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--bank-split", default="train", help="kNN memory bank split (--embeddings)")
+    parser.add_argument("--embeddings", action="store_true", help="also kNN, embedding health and a 2-D plot")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="output folder (default: <checkpoint folder>/eval-<split>)")
+    return parser.parse_args(argv)
+
+
+def load_exported(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The timm model described by the manifest beside `path`, with the weights loaded by timm itself."""
+    manifest_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"manifest {manifest_path} (written beside every export) does not exist")
+    manifest = json.loads(manifest_path.read_text())
+    num_classes = manifest["num_classes"] if manifest["stage"] != "stage1" else 0
+    cfg = ModelConfig(name=manifest["model"], overrides=manifest["model_overrides"],
+                      global_pool=manifest["global_pool"])
+    model = create_backbone(cfg, num_classes=num_classes)
+    timm.models.load_checkpoint(model, str(path), strict=True)
+    return model.eval(), manifest
+
+
+def _pca_2d(x: torch.Tensor) -> torch.Tensor:
+    x = x - x.mean(0, keepdim=True)
+    _, _, v = torch.pca_lowrank(x, q=2, center=False)
+    return x @ v[:, :2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world = dist_utils.detect_world()
+    if world.world_size > 1:
+        dist_utils.init_distributed(world, "gloo" if not torch.cuda.is_available() else "nccl")
+    try:
+        model, manifest = load_exported(args.checkpoint)
+        info = load_info(args.data)
+        out = args.out or args.checkpoint.parent / f"eval-{args.split}"
+        if world.is_main and out.exists():
+            raise FileExistsError(f"{out} exists; nothing is overwritten (pass another --out)")
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    transform = evaluation(image_stats(model))
+
+    def loader(split: str):
+        return eval_loader(info.split(split), info.num_classes, transform, args.batch_size, rank=world.rank,
+                           world_size=world.world_size, num_workers=args.workers)
+
+    where = f"split {args.split!r} of {info.root}"
+    results: dict[str, Any] = {"checkpoint": str(args.checkpoint), "split": args.split, "stage": manifest["stage"]}
+    if manifest["stage"] != "stage1":
+        results["classification"] = evaluate_classifier(model, loader(args.split), device, torch.float32,
+                                                        info.num_classes, info.split(args.split).num_samples, where)
+    if args.embeddings or manifest["stage"] == "stage1":
+        def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            features = model.forward_head(model.forward_features(images), pre_logits=True)
+            return {"backbone": features}
+        with torch.no_grad():
+            results["embeddings"] = evaluate_embeddings(
+                encode, loader(args.bank_split), loader(args.split), device, torch.float32, info.num_classes,
+                (info.split(args.bank_split).num_samples, info.split(args.split).num_samples), where)
+            feats, labels = embed_split(encode, loader(args.split), device, torch.float32)
+            feats = dist_utils.all_gather_variable(feats["backbone"])
+            labels = dist_utils.all_gather_variable(labels)
+    if world.is_main:
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps(results, indent=2))
+        if "classification" in results:
+            cls = results["classification"]
+            save_png(confusion_matrix_image(cls["confusion"], info.class_names), out / "confusion.png")
+            save_png(per_class_bar_image(cls["per_class_accuracy"], info.class_names, support=cls["support"]),
+                     out / "per_class_accuracy.png")
+            print(f"{args.split}: top1 {cls['top1']:.4f}  top5 {cls['top5']:.4f}  loss {cls['loss']:.4f}  "
+                  f"({cls['samples']} samples)")
+        if "embeddings" in results:
+            save_png(scatter_image(_pca_2d(feats).cpu(), labels.cpu(), info.class_names,
+                                   title=f"{args.split} embeddings (PCA)"), out / "embeddings_pca.png")
+            emb = results["embeddings"]
+            print(f"{args.split}: kNN top1 {emb['knn_top1']:.4f}  " + "  ".join(
+                f"{k.split('/')[-1]} {v:.4g}" for k, v in emb.items() if k.startswith("backbone/")))
+        print(f"wrote {out}")
+    return 0
