@@ -8,6 +8,7 @@ epoch as a number of optimizer steps. No rank runs dry, so no collective can han
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 from typing import Callable, Iterator
 
@@ -55,33 +56,65 @@ def _collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys)
 
 
-def _decode_stages(num_classes: int, transform: Callable) -> list:
-    return [wds.map(functools.partial(_to_example, num_classes=num_classes, transform=transform))]
+class _StreamRole:
+    """Which of the rank's `workers` streams this DataLoader worker produces.
+
+    The DataLoader takes batches from its workers in turn, batch b from worker b % workers. To resume after
+    `start_batch` batches, worker i plays the role (i + start_batch) % workers, so the first batch after the
+    restart comes from the stream whose turn it was; each role skips the batches it had already produced.
+    """
+
+    def __init__(self, seed: int, start_batch: int):
+        self.seed, self.start_batch = seed, start_batch
+
+    def resolve(self) -> tuple[int, int, int]:
+        """(rank, role, batches this role already produced)."""
+        rank, _, worker, workers = wds.utils.pytorch_worker_info()
+        role = (worker + self.start_batch) % workers
+        done = (self.start_batch - role + workers - 1) // workers if self.start_batch > role else 0
+        return rank, role, done
+
+    def stream_seed(self) -> int:
+        rank, role, _ = self.resolve()
+        return wds.utils.make_seed(self.seed, rank, role)
+
+
+def _resume_stream(samples: Iterator[dict], role: _StreamRole, bufsize: int,
+                   batch_size: int) -> Iterator[tuple[int, dict]]:
+    """Shuffle (seeded per rank x role), skip what an interrupted run consumed, and number the samples."""
+    rank, _, done = role.resolve()
+    if bufsize > 1:
+        rng = random.Random(wds.utils.make_seed(role.stream_seed(), 1))
+        samples = wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(samples)
+    # Skipped samples are never decoded: resuming costs reading tar bytes, not decoding images.
+    yield from itertools.islice(enumerate(samples), done * batch_size, None)
+
+
+def _augment(item: tuple[int, dict], role: _StreamRole, num_classes: int, transform: Callable) -> tuple:
+    """Decode and transform with an RNG seeded by the sample's position in the stream, so that an image
+    gets the same augmentation whether or not the run was interrupted before it."""
+    index, sample = item
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(wds.utils.make_seed(role.stream_seed(), 2, index))
+        return _to_example(sample, num_classes, transform)
 
 
 def train_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_size: int, *, seed: int,
-                 num_workers: int, shuffle_buffer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Endless stream of full batches (images, labels, keys) for this rank."""
+                 num_workers: int, shuffle_buffer: int,
+                 start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Endless stream of full batches (images, labels, keys) for this rank, deterministic in (seed, rank,
+    num_workers); `start_batch` resumes it after that many batches exactly as an uninterrupted run goes on."""
+    role = _StreamRole(seed, start_batch)
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(list(split.filenames), seed=seed, deterministic=True),
+        wds.ResampledShards(list(split.filenames), seed=seed, deterministic=True, worker_seed=role.stream_seed),
         wds.tarfile_to_samples(),
-        functools.partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed),
-        *_decode_stages(num_classes, transform),
+        functools.partial(_resume_stream, role=role, bufsize=shuffle_buffer, batch_size=batch_size),
+        wds.map(functools.partial(_augment, role=role, num_classes=num_classes, transform=transform)),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
     loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                         pin_memory=torch.cuda.is_available())
     return iter(loader)
-
-
-def _seeded_shuffle(samples: Iterator[dict], bufsize: int, seed: int) -> Iterator[dict]:
-    """webdataset's shuffle buffer, seeded per (seed, rank, worker) so that a rerun sees the same order."""
-    if bufsize <= 1:
-        yield from samples
-        return
-    rank, _, worker, _ = wds.utils.pytorch_worker_info()
-    rng = random.Random(wds.utils.make_seed(seed, rank, worker))
-    yield from wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(samples)
 
 
 def _stride(samples: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
@@ -105,7 +138,7 @@ def eval_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_s
         wds.SimpleShardList(list(split.filenames)),
         wds.tarfile_to_samples(),
         functools.partial(_stride, rank=rank, world_size=world_size),
-        *_decode_stages(num_classes, transform),
+        wds.map(functools.partial(_to_example, num_classes=num_classes, transform=transform)),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
     return DataLoader(pipeline, batch_size=None, num_workers=num_workers)
