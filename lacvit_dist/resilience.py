@@ -1,0 +1,258 @@
+"""Fault tolerance building blocks for the training loop: stop signals agreed by all ranks, and a guard that
+skips non-finite steps on every rank together.
+
+Stop signals
+------------
+SLURM (preemption, `scancel`, `--signal=USR1@120` before the time limit), submitit and Kubernetes announce the
+end of a job with a signal. `StopSignal` only sets a flag in the handler (nothing else is safe there: a handler
+runs between two bytecodes, possibly inside a collective). The loop asks `requested_anywhere()` at a step
+boundary every N steps; that is ONE all-reduce of one int32 (a few microseconds on NCCL, well under a
+millisecond on gloo), and it makes every rank see the same answer at the same step, so all ranks save the
+same checkpoint and leave together. Then the process exits with `REQUEUE_EXIT_CODE`.
+
+Non-finite steps
+----------------
+`NonFiniteGuard.check(loss, engine)` decides, before backward, with one all-reduce, whether this micro-batch's
+loss is finite on EVERY rank; `guarded_backward_step` then runs backward/step so that a step with a non-finite
+loss on any rank is skipped on all ranks, with DeepSpeed's counters (micro_steps, accumulation boundary) kept
+identical everywhere. How the skip works (read in deepspeed/runtime/engine.py `_take_model_step` and
+zero/stage_1_and_2.py / bf16_optimizer.py `step`):
+
+* DeepSpeed's ZeRO-1/2/3 optimizers (fp32: non-finite global grad norm; fp16: loss-scaler overflow) and its
+  BF16 optimizer (`bf16.check_grad_overflow`, default true) already skip a step whose gradients are not
+  finite: they clear their own gradient buffers, count `engine.skipped_steps`, and do not step the LR
+  scheduler (`engine.was_step_applied()` is False). Their grad norm is all-reduced, so the skip is global.
+* With ZeRO stage 0 in fp32 the engine's optimizer is the plain torch optimizer: nothing is checked, NaN would
+  be applied (tests/test_resilience.py shows it). There the gradients live in `param.grad`; at the boundary of
+  a skipped step we zero them and run `engine.step()` with the optimizer's and LR scheduler's `step` shadowed
+  by no-ops for that call, then count `engine.skipped_steps`: the same outcome as DeepSpeed's overflow path
+  (no parameter, momentum or LR change; micro/global step counters advance).
+* To make both paths fire reliably, a skipped micro-batch is back-propagated as `loss * NaN` (every parameter
+  in the graph gets a NaN gradient, on every rank; the real graph, so ZeRO-3's hooks run as usual). NaN
+  survives accumulation, so later micro-batches of the same optimizer step need nothing special.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, try again". A preempted / time-limited run that saved a
+# checkpoint exits with it; launchers requeue on it (submitit: raise from checkpoint(); a plain sbatch script:
+# `python train.py ...; [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID`). It is distinct from 0 (finished),
+# 1 (Python error), 124 (timeout(1)) and 128+N (killed by signal N).
+REQUEUE_EXIT_CODE = 75
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _flag_device(device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if _dist_ready() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool, device: torch.device | str | None = None) -> bool:
+    """True if `flag` is True on any rank (one all-reduce MAX of one int32; no collective in a single process)."""
+    if not _dist_ready():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_flag_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class StopSignal:
+    """Catch stop signals as a flag; agree on them across ranks at a step boundary.
+
+        with StopSignal() as stop:                        # SIGTERM and SIGUSR1 by default
+            for step in ...:
+                ...train one step...
+                if step % check_every == 0 and stop.requested_anywhere():
+                    save_training_checkpoint(...); sys.exit(REQUEUE_EXIT_CODE)
+
+    The previous handlers are restored on `close()` / leaving the `with` block. Only the main thread may install
+    signal handlers (a Python rule); elsewhere a ValueError says so. A second signal does not kill the process
+    (it only sets the flag again); SLURM follows SIGTERM with SIGKILL after KillWait (30 s by default), so
+    check often enough that a checkpoint fits in that window, or ask SLURM for an early `--signal=USR1@<s>`.
+    """
+
+    def __init__(self, signals: Iterable[int | signal.Signals] = (signal.SIGTERM, signal.SIGUSR1)):
+        self.signals = [signal.Signals(s) for s in signals]
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+        self.install()
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+
+    def install(self) -> None:
+        for sig in self.signals:
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    @property
+    def requested(self) -> bool:
+        """This rank got one of the signals (no communication)."""
+        return self.received is not None
+
+    def requested_anywhere(self, device: torch.device | str | None = None) -> bool:
+        """True on every rank if ANY rank got a signal; a collective (one tiny all-reduce): call it on all ranks
+        at the same step. The first time it turns True it logs which signal this rank saw."""
+        agreed = any_rank(self.requested, device)
+        if agreed and not getattr(self, "_logged", False):
+            self._logged = True
+            log.warning("stop requested (%s on this rank); saving a checkpoint and exiting with code %d for requeue",
+                        self.received.name if self.received else "signal on another rank", REQUEUE_EXIT_CODE)
+        return agreed
+
+    def close(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def __enter__(self) -> "StopSignal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss (or gradient)."""
+
+
+class NonFiniteGuard:
+    """Skip optimizer steps whose loss is not finite on some rank, on every rank together; give up after
+    `max_consecutive` skipped steps in a row (raise NonFiniteError on every rank, since every rank counts the
+    same global decisions).
+
+    Counting is per optimizer step: with an engine, `check` notes a non-finite micro-batch and settles the
+    step at the accumulation boundary (engine.is_gradient_accumulation_boundary()); without one, every call
+    is a step. Attributes: `skipped` (total skipped steps), `consecutive`, `step_poisoned` (the optimizer step
+    in progress will be skipped), `checked_steps`.
+    """
+
+    def __init__(self, max_consecutive: int = 5):
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+        self.checked_steps = 0
+        self.step_poisoned = False
+
+    def check(self, loss: torch.Tensor, engine=None) -> bool:
+        """Is `loss` finite on every rank? (one all-reduce; every rank gets the same answer). Call it before
+        backward, once per micro-batch, on every rank. Raises NonFiniteError at the end of the
+        `max_consecutive`-th skipped step in a row."""
+        local_bad = not bool(torch.isfinite(loss.detach()).all())
+        finite = not any_rank(local_bad, loss.device)
+        if not finite:
+            self.step_poisoned = True
+        boundary = True if engine is None else bool(engine.is_gradient_accumulation_boundary())
+        if boundary:
+            self._settle(engine)
+        return finite
+
+    def _settle(self, engine) -> None:
+        self.checked_steps += 1
+        if not self.step_poisoned:
+            self.consecutive = 0
+            return
+        self.skipped += 1
+        self.consecutive += 1
+        where = f"optimizer step {engine.global_steps + 1}" if engine is not None else f"step {self.checked_steps}"
+        log.warning("non-finite loss at %s on at least one rank: step skipped on all ranks (%d in a row, %d in total)",
+                    where, self.consecutive, self.skipped)
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(f"{self.consecutive} optimizer steps in a row had a non-finite loss (last at {where}; "
+                                 f"{self.skipped} skipped in total); giving up. Lower the learning rate, enable "
+                                 "gradient clipping, or check the data and the precision (fp16/bf16 losses "
+                                 "should be computed in fp32)")
+
+    def end_step(self) -> None:
+        """Forget the poisoned state once the optimizer step is over (guarded_backward_step calls it)."""
+        self.step_poisoned = False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive, "checked_steps": self.checked_steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped = int(state.get("skipped", 0))
+        self.consecutive = int(state.get("consecutive", 0))
+        self.checked_steps = int(state.get("checked_steps", 0))
+
+
+def engine_skips_nonfinite_grads(engine) -> bool:
+    """True if DeepSpeed's optimizer wrapper checks gradients itself and skips an overflowing step
+    (`optimizer.overflow` exists: ZeRO-1/2/3, BF16_Optimizer, FP16 optimizers). False for ZeRO-0 fp32, where
+    the engine hands the plain torch optimizer whatever gradients there are."""
+    return hasattr(engine.optimizer, "overflow")
+
+
+def _step_without_update(engine) -> None:
+    """ZeRO-0 fp32 boundary of a skipped step: run engine.step() (its counters, zero_grad, hooks) with the
+    gradients zeroed (finite, so gradient clipping's norm works) and the optimizer's and LR scheduler's
+    step() shadowed by no-ops for this one call, the same outcome as DeepSpeed's own overflow path."""
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.detach_()
+            p.grad.zero_()
+    shadowed = [obj for obj in (engine.optimizer, getattr(engine, "lr_scheduler", None)) if obj is not None]
+    for obj in shadowed:
+        obj.step = lambda *args, **kwargs: None  # an instance attribute hides the method
+    try:
+        engine.step()
+    finally:
+        for obj in shadowed:
+            del obj.step
+    engine.zero_grad()
+    engine.skipped_steps += 1
+    engine._step_applied = False
+
+
+def guarded_backward_step(engine, loss: torch.Tensor, guard: NonFiniteGuard, **backward_kwargs) -> bool:
+    """`engine.backward(loss); engine.step()` for one micro-batch, except that a step with a non-finite loss on
+    any rank is skipped on every rank. Returns whether this micro-batch's loss was finite everywhere.
+    `backward_kwargs` go to engine.backward (e.g. scale_wrt_gas=False for the feature-cache path)."""
+    boundary = bool(engine.is_gradient_accumulation_boundary())
+    finite = guard.check(loss, engine)
+    # NaN times the real graph: NaN gradients for every parameter in it on this rank, which the gradient
+    # reduction spreads to every rank; DeepSpeed's overflow path (or our clearing below) then skips the step.
+    engine.backward(loss if finite else loss * float("nan"), **backward_kwargs)
+    skip = boundary and guard.step_poisoned
+    if skip and not engine_skips_nonfinite_grads(engine):
+        _step_without_update(engine)
+    else:
+        engine.step()
+    if skip and engine_skips_nonfinite_grads(engine) and engine.was_step_applied():
+        raise NonFiniteError("DeepSpeed applied an optimizer step although its gradients were not finite; for "
+                             "bf16 set deepspeed config bf16.check_grad_overflow=true, for ZeRO keep "
+                             "zero_optimization.compute_grad_norm=true")
+    if boundary:
+        guard.end_step()
+    return finite
+
+
+@torch.no_grad()
+def grads_finite(module: torch.nn.Module, device: torch.device | str | None = None) -> bool:
+    """Are all `param.grad` of `module` finite on every rank? (one all-reduce). Call after backward, before
+    step. Meaningful where gradients live in `param.grad`: ZeRO stage 0 (fp32, after the boundary backward,
+    which has all-reduced them) or plain DDP. Under ZeRO-1/2/3 DeepSpeed moves gradients into its partitioned
+    buffers (`param.grad` is None) and checks them itself (see the module docstring)."""
+    bad = False
+    for p in module.parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            bad = True
+            break
+    return not any_rank(bad, device)
