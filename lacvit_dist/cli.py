@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,9 @@ import torch
 from . import distributed as dist_utils
 from .config import Config, ConfigError, load_config, save_config
 from .data.shards import load_info
+from .engine import StopRequested, train_stage
+from .resilience import REQUEUE_EXIT_CODE
+from .tasks import BaselineFinetune, Stage1Contrastive, Stage2Linear
 from .tb import log, setup_console
 
 
@@ -49,20 +54,20 @@ def _resolve_device(cfg: Config) -> str:
 
 def run(cfg: Config) -> dict[str, dict[str, Any]]:
     """Run cfg.run.stages in order inside an initialised process group; returns results per stage."""
-    from .engine import train_stage
-    from .tasks import BaselineFinetune, Stage1Contrastive, Stage2Linear
-
     info = load_info(cfg.data.root)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    for name in cfg.run.stages:
-        if (run_dir / name / "results.json").exists():
-            raise ConfigError(f"run.name: {run_dir / name} already holds a finished {name}; choose another "
-                              f"run.name (nothing is overwritten)")
     if dist_utils.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        # Every (re)start records what it ran with; the first start's config is kept as config.yaml.
+        save_config(cfg, run_dir / ("config.yaml" if not (run_dir / "config.yaml").exists()
+                                    else f"config.restart-{time.strftime('%Y%m%d-%H%M%S')}.yaml"))
     results: dict[str, dict[str, Any]] = {}
     for name in cfg.run.stages:
+        finished = run_dir / name / "results.json"
+        if finished.exists():  # a restarted job: never redo (or overwrite) a finished stage
+            results[name] = json.loads(finished.read_text())
+            log.info("%s: already finished in %s, skipped", name, finished.parent)
+            continue
         torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
         if name == "stage1":
             task = Stage1Contrastive(cfg, info.num_classes)
@@ -129,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     dist_utils.init_distributed(world, backend)
     try:
         results = run(cfg)
+    except StopRequested:
+        return REQUEUE_EXIT_CODE
     except (ConfigError, FileNotFoundError, ValueError) as err:
         log.error("error: %s", err)
         print(f"error: {err}", file=sys.stderr)

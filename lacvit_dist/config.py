@@ -26,6 +26,11 @@ class RunConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     stages: list[str] = field(default_factory=lambda: ["stage1", "stage2"])
+    # Checkpoints (every rank, atomic "latest"): at every epoch end, every N steps if > 0, on SIGTERM/SIGUSR1.
+    # A restart with the same run.name resumes the unfinished stage from the latest and skips finished ones.
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 5  # non-finite loss: skip the step on all ranks; stop after this many in a row
 
 
 @dataclass
@@ -267,6 +272,11 @@ def validate(cfg: Config) -> None:
     """Checks that need more than one field's type."""
     for name in cfg.run.stages:
         cfg.stage(name)
+    for key in ("checkpoint_every_steps", "keep_checkpoints"):
+        if getattr(cfg.run, key) < 0:
+            raise ConfigError(f"run.{key}: must be >= 0, got {getattr(cfg.run, key)}")
+    if cfg.run.max_nonfinite_steps < 1:
+        raise ConfigError(f"run.max_nonfinite_steps: must be >= 1, got {cfg.run.max_nonfinite_steps}")
     for name in STAGES:
         stage = cfg.stage(name)
         for key in ("epochs", "micro_batch_size", "grad_accum_steps", "eval_every_epochs", "log_every_steps"):

@@ -16,14 +16,16 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import distributed as dist_utils
-from .checkpoint import save_state_dict, write_json
-from .config import Config, StageConfig, check_batch_arithmetic, to_dict
+from .checkpoint import (find_latest_everywhere, gather_rng_states, load_training_checkpoint, save_state_dict,
+                         save_training_checkpoint, set_rng_state, write_json)
+from .config import Config, ConfigError, StageConfig, check_batch_arithmetic, to_dict
 from .data.pipeline import eval_loader, train_loader
 from .data.shards import DatasetInfo
 from .data.transforms import evaluation
 from .evaluation import evaluate_classifier, evaluate_embeddings
 from .figures import confusion_matrix_image, per_class_bar_image
 from .models import ContrastiveModel
+from .resilience import REQUEUE_EXIT_CODE, NonFiniteGuard, StopSignal
 from .tasks import Task
 from .tb import TensorBoard, log
 
@@ -100,58 +102,91 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
              f", {terms} contrast terms per anchor" if terms is not None else "", steps_per_epoch, stage.epochs,
              cfg.deepspeed.precision, cfg.deepspeed.zero_stage, trainable / 1e6, task.stats.img_size)
 
-    # Different augmentation streams per rank; identical model initialisation happened before this.
-    torch.manual_seed(cfg.run.seed * 1000 + rank + 1)
+    torch.manual_seed(cfg.run.seed * 1000 + rank + 1)  # per-rank RNG; the model was initialised before this
+    ckpt_dir = stage_dir / "checkpoints"
+    guard = NonFiniteGuard(cfg.run.max_nonfinite_steps)
+    data_position = {"world_size": world, "num_workers": cfg.data.num_workers, "seed": cfg.run.seed,
+                     "micro_batch_size": stage.micro_batch_size, "grad_accum_steps": stage.grad_accum_steps,
+                     "shuffle_buffer": cfg.data.shuffle_buffer, "shards": [Path(f).name for f in train_split.filenames]}
+    step, history, elapsed_before = 0, [], 0.0
+    tag = find_latest_everywhere(ckpt_dir)
+    if tag is not None:
+        state = load_training_checkpoint(engine, ckpt_dir, tag)
+        _check_resumable(state, data_position, ckpt_dir / tag)
+        step, history, elapsed_before = state["step"], state["history"], state["elapsed_s"]
+        guard.load_state_dict(state["nonfinite"])
+        set_rng_state(state["rng"][rank])
+        log.info("%s: resumed from %s at step %d/%d", task.name, ckpt_dir / tag, step, total_steps)
+
+    def save() -> None:  # collective: every rank writes its share
+        client_state = {"step": step, "history": history, "elapsed_s": elapsed_before + time.time() - started,
+                        "nonfinite": guard.state_dict(), "rng": gather_rng_states(), "data": data_position,
+                        "stage": task.name, "config": to_dict(cfg)}
+        save_training_checkpoint(engine, ckpt_dir, step, client_state, keep_last=cfg.run.keep_checkpoints)
+
+    # The stream continues exactly where the checkpointed run stopped (same samples, same augmentations).
     batches = train_loader(train_split, info.num_classes, task.train_transform(), stage.micro_batch_size,
                            seed=cfg.run.seed, num_workers=cfg.data.num_workers,
-                           shuffle_buffer=cfg.data.shuffle_buffer)
+                           shuffle_buffer=cfg.data.shuffle_buffer, start_batch=step * stage.grad_accum_steps)
     tb = TensorBoard(stage_dir / "tb" if rank == 0 and cfg.logging.tensorboard else None, task.name)
     evaluate = _Evaluator(cfg, task, engine, info, tb)
 
-    step, window_start, window_steps = 0, time.time(), 0
+    window_start, window_steps, saved_at = time.time(), 0, step
     running: dict[str, torch.Tensor] = {}
-    history: list[dict[str, float]] = []
-    for epoch in range(stage.epochs):
-        task.set_train_mode(engine.module)
-        for _ in range(steps_per_epoch):
+    task.set_train_mode(engine.module)
+    with StopSignal() as stop:
+        while step < total_steps:
             micro_batches = []
             for _ in range(stage.grad_accum_steps):
                 images, labels, _ = next(batches)
                 micro_batches.append((images.to(device, dtype, non_blocking=True),
                                       labels.to(device, non_blocking=True)))
-            metrics = task.train_step(engine, micro_batches)
-            # Accumulate on device; read back only when logging (no host sync per step).
-            for key, value in metrics.items():
-                running[key] = running.get(key, 0) + value
+            skipped_before = guard.skipped
+            metrics = task.train_step(engine, micro_batches, guard)
+            if guard.skipped == skipped_before:  # a skipped step's metrics are NaN: keep them out of the means
+                # Accumulate on device; read back only when logging (no host sync per step).
+                for key, value in metrics.items():
+                    running[key] = running.get(key, 0) + value
+                window_steps += 1
             step += 1
-            window_steps += 1
-            if step % stage.log_every_steps == 0 or step == total_steps:
+            epoch, epoch_end = (step - 1) // steps_per_epoch + 1, step % steps_per_epoch == 0
+            if (step % stage.log_every_steps == 0 or step == total_steps) and window_steps:
                 elapsed = time.time() - window_start
                 values = {k: (dist_utils.all_reduce_sum(v) / (world * window_steps)).item()
                           for k, v in running.items()}
-                values["lr"] = engine.get_lr()[0]
-                values["images_per_s"] = global_batch * window_steps / elapsed
+                values.update(lr=engine.get_lr()[0], images_per_s=global_batch * window_steps / elapsed,
+                              nonfinite_skipped=guard.skipped)
                 tb.scalars(values, step)
                 history.append({"step": step, "epoch": epoch, **values})
-                log.info("%s epoch %d step %d/%d  %s", task.name, epoch + 1, step, total_steps,
+                log.info("%s epoch %d step %d/%d  %s", task.name, epoch, step, total_steps,
                          "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
                 running, window_start, window_steps = {}, time.time(), 0
-        if (epoch + 1) % stage.eval_every_epochs == 0 and epoch + 1 < stage.epochs:
-            evaluate(cfg.data.val_split, step, epoch + 1)
+            if epoch_end and epoch % stage.eval_every_epochs == 0 and step < total_steps:
+                evaluate(cfg.data.val_split, step, epoch)
+            every = cfg.run.checkpoint_every_steps
+            if step < total_steps and (epoch_end or (every and step % every == 0)):
+                save()
+                saved_at = step
+            # Every rank learns of a signal any rank got (one tiny all-reduce) and they stop together.
+            if stop.requested_anywhere(device):
+                if saved_at != step:
+                    save()
+                log.warning("%s: stop requested (signal %s); checkpoint at step %d saved, exiting with code %d "
+                            "for a requeue", task.name, stop.received, step, REQUEUE_EXIT_CODE)
+                raise StopRequested(step)
 
     results: dict[str, Any] = {"stage": task.name, "steps": step, "epochs": stage.epochs,
                                "global_batch": global_batch, "world_size": world, "contrast_terms": terms,
-                               "train_log": history}
+                               "nonfinite_skipped": guard.skipped, "train_log": history}
     # The model evaluated is the last one: nothing is selected on validation or test data. Stage 1 never
     # touches the test split (its monitor uses train + val); the classifiers report it once, at the end.
     results["val"] = evaluate(cfg.data.val_split, step, stage.epochs, images=True)
     if task.classifies:
         results["test"] = evaluate(cfg.data.test_split, step, stage.epochs, images=True)
-
-    engine.save_checkpoint(str(stage_dir / "checkpoints"), tag=f"step{step}",
-                           client_state={"step": step, "epoch": stage.epochs})
+    if saved_at != step:
+        save()
     results["export"] = str(_export(cfg, task, engine, stage_dir, step))
-    results["wall_time_s"] = time.time() - started
+    results["wall_time_s"] = elapsed_before + time.time() - started
     if rank == 0:
         write_json(results, stage_dir / "results.json")
     tb.close()
@@ -159,6 +194,20 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     del engine, optimizer, batches
     gc.collect()
     return results
+
+
+class StopRequested(Exception):
+    """A signal asked the job to stop; every rank saved a checkpoint at `step`. Exit for a requeue."""
+
+
+def _check_resumable(state: dict[str, Any], data_position: dict[str, Any], where: Path) -> None:
+    """A checkpoint resumes only a run that would consume the same data stream in the same way."""
+    saved = state.get("data", {})
+    changed = {k: (saved.get(k), v) for k, v in data_position.items() if saved.get(k) != v}
+    if changed:
+        details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ConfigError(f"run.name: checkpoint {where} cannot be resumed with these settings ({details}); "
+                          f"restore them or start a new run.name")
 
 
 class _Evaluator:

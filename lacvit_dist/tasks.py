@@ -12,6 +12,7 @@ from .config import Config
 from .data import transforms
 from .losses import SupConLoss
 from .models import build_classifier, build_contrastive_model, image_stats
+from .resilience import NonFiniteGuard, guarded_backward_step
 
 VIEWS = 2  # stage 1: two augmented views per image (LACVIT.md)
 
@@ -40,14 +41,15 @@ class Task:
         """(loss to backpropagate, detached metrics including the loss value to log) for one micro-batch."""
         raise NotImplementedError
 
-    def train_step(self, engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def train_step(self, engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                   guard: NonFiniteGuard) -> dict[str, torch.Tensor]:
         """Forward/backward every micro-batch of one optimizer step through the DeepSpeed engine (which
-        scales each by 1/accumulation and steps the optimizer at the boundary); returns mean metrics."""
+        scales each by 1/accumulation and steps the optimizer at the boundary); a non-finite loss on any rank
+        skips the step on every rank (`guard`). Returns mean metrics."""
         totals: dict[str, torch.Tensor] = {}
         for images, labels in micro_batches:
             loss, metrics = self.loss(engine, images, labels)
-            engine.backward(loss)
-            engine.step()
+            guarded_backward_step(engine, loss, guard)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0) + value.detach().float()
         return {key: value / len(micro_batches) for key, value in totals.items()}
@@ -94,12 +96,12 @@ class Stage1Contrastive(Task):
         enlarged = accum if self.cfg.stage1.accumulation == "enlarge_contrast" else 1
         return VIEWS * micro_batch * world * enlarged - 1
 
-    def train_step(self, engine, micro_batches):
+    def train_step(self, engine, micro_batches, guard):
         if len(micro_batches) == 1 or self.cfg.stage1.accumulation == "plain":
-            return super().train_step(engine, micro_batches)
-        return self._feature_cache_step(engine, micro_batches)
+            return super().train_step(engine, micro_batches, guard)
+        return self._feature_cache_step(engine, micro_batches, guard)
 
-    def _feature_cache_step(self, engine, micro_batches):
+    def _feature_cache_step(self, engine, micro_batches, guard):
         """Contrast every anchor with all k micro-batches x all ranks (open_clip's accum-freq scheme).
 
         A no-grad forward caches every micro-batch's projections; then each micro-batch j is recomputed with
@@ -115,8 +117,7 @@ class Stage1Contrastive(Task):
         for j, (images, _) in enumerate(micro_batches):
             features = torch.cat(cached[:j] + [engine(images)] + cached[j + 1:])
             loss, stats = self.criterion(features, labels)
-            engine.backward(loss, scale_wrt_gas=False)
-            engine.step()
+            guarded_backward_step(engine, loss, guard, scale_wrt_gas=False)
         return {key: value.detach().float() for key, value in stats.items()}
 
 

@@ -25,6 +25,7 @@ def _one_optimizer_step(rank, world_size, accumulation, accum, zero_stage):
 
     from lacvit_dist.config import load_config
     from lacvit_dist.engine import build_optimizer, deepspeed_config
+    from lacvit_dist.resilience import NonFiniteGuard
     from lacvit_dist.tasks import Stage1Contrastive
 
     micro = IMAGES_PER_RANK // accum
@@ -40,7 +41,7 @@ def _one_optimizer_step(rank, world_size, accumulation, accum, zero_stage):
     labels = torch.randint(0, 3, (IMAGES_PER_RANK,), generator=gen)
     before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     metrics = task.train_step(engine, [(views[i * micro:(i + 1) * micro], labels[i * micro:(i + 1) * micro])
-                                       for i in range(accum)])
+                                       for i in range(accum)], NonFiniteGuard(1))
     assert engine.global_steps == 1  # exactly one optimizer step was taken
     update = {n: (before[n] - p.detach()).numpy() for n, p in engine.module.named_parameters()}
     return update, float(metrics["loss"]), task.contrast_terms(micro, accum, world_size)

@@ -1,0 +1,102 @@
+"""Fault tolerance end to end with 2 ranks under torchrun: a signal on ONE rank makes both save together and
+exit for a requeue; kill -9 of a rank loses only the steps since the last checkpoint; in both cases the
+relaunched job (same command, same run.name) finishes with exactly the loss sequence of an uninterrupted run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO
+from dist_helpers import free_port
+
+STEPS = 16
+ARGS = ["run.stages=[stage1]", "model.overrides.embed_dim=32", "model.overrides.depth=1",
+        "model.overrides.num_heads=2", "model.proj_dim=16", "data.num_workers=1", "data.shuffle_buffer=50",
+        "stage1.epochs=2", f"stage1.steps_per_epoch={STEPS // 2}", "stage1.micro_batch_size=8",
+        "stage1.log_every_steps=1", "stage1.eval_every_epochs=100", "run.checkpoint_every_steps=4"]
+
+
+def start(run_dir: Path, data: Path) -> subprocess.Popen:
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(REPO / "train.py"), "--config", str(REPO / "configs" / "demo_digits.yaml"),
+           f"data.root={data}", f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", *ARGS]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 240) -> str:
+    seen, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if f"step {step}/{STEPS}" in line:
+            return "".join(seen)
+        assert time.time() < deadline, "".join(seen[-50:])
+    raise AssertionError(f"exited before step {step}:\n{''.join(seen[-50:])}")
+
+
+def rank_process(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "train.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"rank {rank} process not found")
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+def losses(run_dir: Path) -> list[float]:
+    log = json.loads((run_dir / "stage1" / "results.json").read_text())["train_log"]
+    assert [entry["step"] for entry in log] == list(range(1, STEPS + 1))
+    return [entry["loss"] for entry in log]
+
+
+@pytest.fixture(scope="module")
+def reference(digits_root, tmp_path_factory) -> list[float]:
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    code, out = finish(start(run_dir, digits_root))
+    assert code == 0, out[-3000:]
+    return losses(run_dir)
+
+
+def latest_step(run_dir: Path) -> int:
+    return int((run_dir / "stage1" / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
+
+
+def test_signal_on_one_rank_saves_on_all_and_resume_matches(digits_root, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, digits_root)
+    wait_for_step(proc, 5)
+    rank_process(proc, 1).send_signal(signal.SIGUSR1)  # rank 0 never sees the signal itself
+    code, out = finish(proc)
+    assert code != 0 and "exitcode  : 75" in out, out[-3000:]
+    stopped_at = latest_step(run_dir)
+    assert 5 <= stopped_at < STEPS and not (run_dir / "stage1" / "results.json").exists()
+
+    code, out = finish(start(run_dir, digits_root))  # the requeued job: same command
+    assert code == 0 and f"resumed from {run_dir / 'stage1' / 'checkpoints' / f'step{stopped_at:08d}'}" in out
+    assert losses(run_dir) == pytest.approx(reference, rel=1e-5)
+
+
+def test_kill_9_then_relaunch_resumes_from_last_checkpoint(digits_root, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, digits_root)
+    wait_for_step(proc, 6)
+    rank_process(proc, 1).send_signal(signal.SIGKILL)
+    code, out = finish(proc)
+    assert code != 0
+    assert latest_step(run_dir) == 4  # checkpoint_every_steps=4; steps 5.. are lost and redone
+
+    code, out = finish(start(run_dir, digits_root))
+    assert code == 0, out[-3000:]
+    assert losses(run_dir) == pytest.approx(reference, rel=1e-5)
