@@ -68,6 +68,7 @@ class OptimizerConfig:
     momentum: float = 0.9
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    layer_decay: float | None = None  # layer-wise lr decay for ViTs (timm's param groups), e.g. 0.75
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
 
 
@@ -106,6 +107,9 @@ class DeepSpeedConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_clipping: float = 1.0
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    # A DeepSpeed JSON config merged over the one generated from this file (e.g. ZeRO bucket sizes,
+    # offload, activation checkpointing of DeepSpeed's own); batch sizes must agree with the stage's.
+    config_file: str | None = None
 
 
 @dataclass
@@ -199,18 +203,18 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             value = data[name]
             if dataclasses.is_dataclass(current) and isinstance(value, dict):
                 # Merge into this field's own default (stage2 keeps its lr=0.1 unless told otherwise).
-                value = _deep_merge(dataclasses.asdict(current), value)
+                value = deep_merge(dataclasses.asdict(current), value)
             kwargs[name] = _coerce(value, hints[name], path)
         else:
             kwargs[name] = getattr(base, name)
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -259,7 +263,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         data = load_yaml(path)
         source = str(path)
-    data = _deep_merge(data, parse_dotlist(overrides or []))
+    data = deep_merge(data, parse_dotlist(overrides or []))
     try:
         cfg = _build(Config, data, "")
     except ConfigError as err:
@@ -288,6 +292,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}.optimizer.lr: must be > 0, got {stage.optimizer.lr}")
         if not 0.0 <= stage.optimizer.min_lr_ratio <= 1.0:
             raise ConfigError(f"{name}.optimizer.min_lr_ratio: must be in [0, 1]")
+        if stage.optimizer.layer_decay is not None and not 0.0 < stage.optimizer.layer_decay <= 1.0:
+            raise ConfigError(f"{name}.optimizer.layer_decay: must be in (0, 1], got {stage.optimizer.layer_decay}")
         if len(stage.optimizer.betas) != 2:
             raise ConfigError(f"{name}.optimizer.betas: expected two values, got {stage.optimizer.betas}")
     if cfg.stage1.temperature <= 0:

@@ -5,6 +5,7 @@ Stage 1, stage 2 and the CE baseline all run through `train_stage`; they differ 
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from . import distributed as dist_utils
 from .checkpoint import (find_latest_everywhere, gather_rng_states, load_training_checkpoint, save_state_dict,
                          save_training_checkpoint, set_rng_state, write_json)
-from .config import Config, ConfigError, StageConfig, check_batch_arithmetic, to_dict
+from .config import Config, ConfigError, StageConfig, deep_merge, check_batch_arithmetic, to_dict
 from .data.pipeline import eval_loader, train_loader
 from .data.shards import DatasetInfo
 from .data.transforms import evaluation
@@ -30,7 +31,30 @@ from .tasks import Task
 from .tb import TensorBoard, log
 
 
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
 def deepspeed_config(cfg: Config, stage: StageConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's config from ours, with the user's deepspeed.config_file (if any) merged over it."""
+    generated = _generated_deepspeed_config(cfg, stage, world_size)
+    if cfg.deepspeed.config_file is None:
+        return generated
+    path = Path(cfg.deepspeed.config_file)
+    try:
+        user = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"deepspeed.config_file: cannot read {path}: {err}") from None
+    for key in BATCH_KEYS:
+        if key in user and user[key] != generated[key]:
+            raise ConfigError(f"deepspeed.config_file: {path} sets {key}={user[key]}, but the stage's batch "
+                              f"settings give {generated[key]}; set micro_batch_size / grad_accum_steps instead")
+    if "optimizer" in user or "scheduler" in user:
+        raise ConfigError(f"deepspeed.config_file: {path} defines optimizer/scheduler; they come from the "
+                          f"stage's optimizer section (timm's param groups, warmup + cosine)")
+    return deep_merge(generated, user)
+
+
+def _generated_deepspeed_config(cfg: Config, stage: StageConfig, world_size: int) -> dict[str, Any]:
     precision = cfg.deepspeed.precision
     return {
         "train_micro_batch_size_per_gpu": stage.micro_batch_size,
@@ -53,8 +77,13 @@ def build_optimizer(model: torch.nn.Module, stage: StageConfig, total_steps: int
     opt = stage.optimizer
     kwargs: dict[str, Any] = {"momentum": opt.momentum} if opt.name == "sgd" else {"betas": tuple(opt.betas)}
     # timm's "sgd" is Nesterov; the paper's is plain momentum SGD.
+    if opt.name == "adamw" and torch.cuda.is_available():
+        kwargs["fused"] = True  # torch's fused CUDA kernel: no extension to JIT-compile
     optimizer = timm.optim.create_optimizer_v2(model, opt="momentum" if opt.name == "sgd" else "adamw",
-                                               lr=opt.lr, weight_decay=opt.weight_decay, **kwargs)
+                                               lr=opt.lr, weight_decay=opt.weight_decay,
+                                               layer_decay=opt.layer_decay, **kwargs)
+    for group in optimizer.param_groups:  # timm's layer-decay scale, which torch's LambdaLR does not know
+        group["lr"] = opt.lr * group.get("lr_scale", 1.0)
 
     def lr_factor(step: int) -> float:
         if step < opt.warmup_steps:
