@@ -174,6 +174,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def collective_device() -> torch.device:
+    """Where this backend's collectives take tensors: the current GPU for NCCL, the CPU for gloo."""
+    if world_size() > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -23,7 +23,7 @@ from .config import Config, ConfigError, StageConfig, deep_merge, check_batch_ar
 from .data.pipeline import eval_loader, train_loader
 from .data.shards import DatasetInfo
 from .data.transforms import evaluation
-from .evaluation import evaluate_classifier, evaluate_embeddings
+from .evaluation import evaluate_classifier, evaluate_embeddings, lockstep
 from .figures import confusion_matrix_image, per_class_bar_image
 from .models import ContrastiveModel
 from .resilience import REQUEUE_EXIT_CODE, NonFiniteGuard, StopSignal
@@ -248,9 +248,13 @@ class _Evaluator:
         self.batch_size = cfg.stage(task.name).micro_batch_size
 
     def _loader(self, split_name: str):
-        return eval_loader(self.info.split(split_name), self.info.num_classes, self.transform, self.batch_size,
-                           rank=dist_utils.rank(), world_size=dist_utils.world_size(),
-                           num_workers=self.cfg.data.num_workers)
+        loader = eval_loader(self.info.split(split_name), self.info.num_classes, self.transform, self.batch_size,
+                             rank=dist_utils.rank(), world_size=dist_utils.world_size(),
+                             num_workers=self.cfg.data.num_workers)
+        if self.cfg.deepspeed.zero_stage < 3:
+            return loader
+        size = self.task.stats.img_size
+        return lockstep(loader, lambda: (torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long), []))
 
     def __call__(self, split_name: str, step: int, epoch: int, images: bool = False) -> dict[str, Any]:
         engine, task, where = self.engine, self.task, f"split {split_name!r} of {self.info.root}"
