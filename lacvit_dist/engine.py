@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from . import distributed as dist_utils
 from .checkpoint import (find_latest_everywhere, gather_rng_states, load_training_checkpoint, save_state_dict,
-                         save_training_checkpoint, set_rng_state, write_json)
+                         save_training_checkpoint, set_rng_state, tag_for_step, write_json)
 from .config import Config, ConfigError, StageConfig, deep_merge, check_batch_arithmetic, to_dict
 from .data.pipeline import eval_loader, train_loader
 from .data.shards import DatasetInfo
@@ -292,6 +292,7 @@ def _export(cfg: Config, task: Task, engine, stage_dir: Path, step: int) -> Path
     path = stage_dir / name
     if state is not None:
         save_state_dict(state, path, {"stage": task.name, "step": step, "model": cfg.model.name,
+                                      "source_checkpoint": str(stage_dir / "checkpoints" / tag_for_step(step)),
                                       "model_overrides": cfg.model.overrides, "num_classes": task.num_classes,
                                       "global_pool": cfg.model.global_pool, "config": to_dict(cfg)})
     dist_utils.barrier()

@@ -8,9 +8,9 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
+from .checkpoint import load_state_dict_file
 from .config import ModelConfig
 from .data.transforms import ImageStats
 
@@ -95,7 +95,8 @@ def build_classifier(cfg: ModelConfig, num_classes: int, backbone_path: str | No
     """timm model with a linear head; optionally initialised from a stage-1 backbone and frozen but for the head."""
     model = create_backbone(cfg, num_classes=num_classes)
     if backbone_path is not None:
-        load_backbone_into(model, load_file(backbone_path), backbone_path)
+        # safetensors, or a torch file read with weights_only=True: a user-supplied file runs no code.
+        load_backbone_into(model, load_state_dict_file(backbone_path), backbone_path)
     if freeze_backbone:
         head_keys = head_parameter_names(model)
         for name, param in model.named_parameters():
