@@ -43,6 +43,14 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     proj_hidden_dim: int | None = None  # None: the backbone's embedding width, as in the paper
     proj_dim: int = 128
+    # Layout of pretrained_path: "timm" (read by timm itself), "mae" (facebookresearch/mae), "simmim"
+    # (microsoft/SimMIM), "data2vec" (data2vec_vision / BEiT layout), or "auto" (detected from the keys).
+    # Non-timm layouts are renamed to timm's keys; a backbone weight that would be dropped is an error.
+    checkpoint_format: Literal["auto", "timm", "mae", "simmim", "data2vec"] = "auto"
+    # Activation checkpointing per transformer block: timm's own (set_grad_checkpointing) or fairscale's
+    # checkpoint_wrapper (checkpoint_offload=True: keep the saved block inputs on the CPU).
+    activation_checkpointing: Literal["none", "timm", "fairscale"] = "none"
+    checkpoint_offload: bool = False
 
 
 @dataclass
@@ -58,6 +66,9 @@ class DataConfig:
     crop_scale_min: float = 0.2
     color_jitter: float = 0.4
     hflip: bool = True  # off for data where mirroring changes the class (digits, text)
+    # Training: skip undecodable images, missing/bad labels and unreadable tars, count them per kind and log
+    # the counts; "error" stops at the first one, naming shard and key. Evaluation is always strict.
+    on_bad_sample: Literal["skip", "error"] = "skip"
 
 
 @dataclass

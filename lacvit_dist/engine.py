@@ -20,7 +20,7 @@ from . import distributed as dist_utils
 from .checkpoint import (find_latest_everywhere, gather_rng_states, load_training_checkpoint, save_state_dict,
                          save_training_checkpoint, set_rng_state, tag_for_step, write_json)
 from .config import Config, ConfigError, StageConfig, deep_merge, check_batch_arithmetic, to_dict
-from .data.pipeline import eval_loader, train_loader
+from .data.pipeline import BAD_SAMPLE_KINDS, eval_loader, train_loader
 from .data.shards import DatasetInfo
 from .data.transforms import evaluation
 from .evaluation import evaluate_classifier, evaluate_embeddings, lockstep
@@ -137,12 +137,13 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     data_position = {"world_size": world, "num_workers": cfg.data.num_workers, "seed": cfg.run.seed,
                      "micro_batch_size": stage.micro_batch_size, "grad_accum_steps": stage.grad_accum_steps,
                      "shuffle_buffer": cfg.data.shuffle_buffer, "shards": [Path(f).name for f in train_split.filenames]}
-    step, history, elapsed_before = 0, [], 0.0
+    step, history, elapsed_before, bad_before = 0, [], 0.0, dict.fromkeys(BAD_SAMPLE_KINDS, 0)
     tag = find_latest_everywhere(ckpt_dir)
     if tag is not None:
         state = load_training_checkpoint(engine, ckpt_dir, tag)
         _check_resumable(state, data_position, ckpt_dir / tag)
         step, history, elapsed_before = state["step"], state["history"], state["elapsed_s"]
+        bad_before = state.get("bad_samples", bad_before)
         guard.load_state_dict(state["nonfinite"])
         set_rng_state(state["rng"][rank])
         log.info("%s: resumed from %s at step %d/%d", task.name, ckpt_dir / tag, step, total_steps)
@@ -150,13 +151,17 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     def save() -> None:  # collective: every rank writes its share
         client_state = {"step": step, "history": history, "elapsed_s": elapsed_before + time.time() - started,
                         "nonfinite": guard.state_dict(), "rng": gather_rng_states(), "data": data_position,
+                        "bad_samples": {k.removeprefix("bad_samples/"): int(v) for k, v in
+                                        _bad_sample_totals(bad_per_stream, bad_before).items()},
                         "stage": task.name, "config": to_dict(cfg)}
         save_training_checkpoint(engine, ckpt_dir, step, client_state, keep_last=cfg.run.keep_checkpoints)
 
     # The stream continues exactly where the checkpointed run stopped (same samples, same augmentations).
     batches = train_loader(train_split, info.num_classes, task.train_transform(), stage.micro_batch_size,
                            seed=cfg.run.seed, num_workers=cfg.data.num_workers,
-                           shuffle_buffer=cfg.data.shuffle_buffer, start_batch=step * stage.grad_accum_steps)
+                           shuffle_buffer=cfg.data.shuffle_buffer, start_batch=step * stage.grad_accum_steps,
+                           skip_bad_samples=cfg.data.on_bad_sample == "skip")
+    bad_per_stream: dict[int, dict[str, int]] = {}  # latest tally of each data stream since this (re)start
     tb = TensorBoard(stage_dir / "tb" if rank == 0 and cfg.logging.tensorboard else None, task.name)
     evaluate = _Evaluator(cfg, task, engine, info, tb)
 
@@ -167,9 +172,10 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
         while step < total_steps:
             micro_batches = []
             for _ in range(stage.grad_accum_steps):
-                images, labels, _ = next(batches)
-                micro_batches.append((images.to(device, dtype, non_blocking=True),
-                                      labels.to(device, non_blocking=True)))
+                batch = next(batches)
+                bad_per_stream[batch.bad_samples[0]] = batch.bad_samples[1]
+                micro_batches.append((batch.images.to(device, dtype, non_blocking=True),
+                                      batch.labels.to(device, non_blocking=True)))
             skipped_before = guard.skipped
             metrics = task.train_step(engine, micro_batches, guard)
             if guard.skipped == skipped_before:  # a skipped step's metrics are NaN: keep them out of the means
@@ -184,11 +190,13 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
                 values = {k: (dist_utils.all_reduce_sum(v) / (world * window_steps)).item()
                           for k, v in running.items()}
                 values.update(lr=engine.get_lr()[0], images_per_s=global_batch * window_steps / elapsed,
-                              nonfinite_skipped=guard.skipped)
+                              nonfinite_skipped=guard.skipped, **_bad_sample_totals(bad_per_stream, bad_before))
                 tb.scalars(values, step)
                 history.append({"step": step, "epoch": epoch, **values})
+                shown = {k: v for k, v in values.items() if not k.startswith("bad_samples/")}
+                shown["bad_samples"] = sum(v for k, v in values.items() if k.startswith("bad_samples/"))
                 log.info("%s epoch %d step %d/%d  %s", task.name, epoch, step, total_steps,
-                         "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
+                         "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
                 running, window_start, window_steps = {}, time.time(), 0
             if epoch_end and epoch % stage.eval_every_epochs == 0 and step < total_steps:
                 evaluate(cfg.data.val_split, step, epoch)
@@ -223,6 +231,15 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     del engine, optimizer, batches
     gc.collect()
     return results
+
+
+def _bad_sample_totals(per_stream: dict[int, dict[str, int]], before: dict[str, int]) -> dict[str, float]:
+    """Skipped samples per kind over all ranks and streams, including those counted before a resume.
+    A collective (one small all-reduce): every rank calls it at the same step."""
+    local = torch.tensor([sum(counts.get(kind, 0) for counts in per_stream.values()) for kind in BAD_SAMPLE_KINDS],
+                         dtype=torch.float64)
+    totals = dist_utils.all_reduce_sum(local.to(dist_utils.collective_device())).tolist()
+    return {f"bad_samples/{kind}": before.get(kind, 0) + total for kind, total in zip(BAD_SAMPLE_KINDS, totals)}
 
 
 class StopRequested(Exception):

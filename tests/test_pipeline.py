@@ -53,7 +53,7 @@ def test_train_stream_full_batches_deterministic_and_per_rank(digits_root, monke
         return list(itertools.islice(stream, n))
 
     first = take(0, seed=1)
-    for images, labels, keys in first:
+    for images, labels, keys, _ in first:
         assert images.shape == (16, 2, 3, 16, 16) and labels.shape == (16,)
         assert labels.min() >= 0 and labels.max() < info.num_classes
         assert not torch.equal(images[:, 0], images[:, 1])  # two independent augmentations
@@ -111,3 +111,45 @@ def test_bad_samples_named_by_shard_and_key(tmp_path, sample, message):
         list(loader)
     text = str(err.value)
     assert sample["__key__"] in text and message in text and str(shard) in text
+
+
+def _png(value: int = 0) -> bytes:
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (value, value, value)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_training_skips_and_counts_each_bad_kind(tmp_path):
+    """Training skips bad samples and counts them per kind (a truncated tar too); strict mode raises."""
+    good = [{"__key__": f"g{i}", "png": _png(i), "cls": b"1"} for i in range(6)]
+    bad = [{"__key__": "b1", "png": b"not a png", "cls": b"1"}, {"__key__": "b2", "cls": b"1", "txt": b"x"},
+           {"__key__": "b3", "png": _png(), "cls": b"x"}, {"__key__": "b4", "png": _png(), "cls": b"12"}]
+    shard = tmp_path / "train-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for sample in good[:3] + bad + good[3:]:
+            sink.write(sample)
+    truncated = tmp_path / "train-000001.tar"
+    data = shard.read_bytes()
+    truncated.write_bytes(data[:len(data) // 2 + 100])  # cut inside a member
+    transform = evaluation(STATS)
+
+    split = SplitInfo(name="train", filenames=(str(shard),), shard_lengths=(10,))
+    batches = list(itertools.islice(train_loader(split, 10, transform, 3, seed=0, num_workers=0, shuffle_buffer=0), 4))
+    assert {k for b in batches for k in b.keys} <= {s["__key__"] for s in good}
+    role, counts = batches[-1].bad_samples
+    assert role == 0 and counts["undecodable_image"] >= 1 and counts["no_image"] >= 1
+    assert counts["bad_label"] >= 1 and counts["label_out_of_range"] >= 1
+    assert counts["undecodable_image"] == counts["no_image"] == counts["bad_label"] == counts["label_out_of_range"]
+
+    both = SplitInfo(name="train", filenames=(str(truncated),), shard_lengths=(10,))
+    with pytest.warns(UserWarning, match="unreadable_tar"):
+        batch = list(itertools.islice(train_loader(both, 10, transform, 2, seed=0, num_workers=0,
+                                                   shuffle_buffer=0), 6))[-1]
+    assert batch.bad_samples[1]["unreadable_tar"] >= 1
+
+    strict = train_loader(split, 10, transform, 3, seed=0, num_workers=0, shuffle_buffer=0, skip_bad_samples=False)
+    with pytest.raises(BadSampleError, match=f"shard {shard}, key b1: cannot decode"):
+        list(itertools.islice(strict, 4))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import itertools
 import random
-from typing import Callable, Iterator
+import warnings
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import webdataset as wds
@@ -22,7 +23,14 @@ IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 
 class BadSampleError(ValueError):
-    """A sample in a shard cannot be used; the message names the shard and the key."""
+    """A sample in a shard cannot be used; the message names the shard and the key, `kind` says why."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+BAD_SAMPLE_KINDS = ("no_image", "undecodable_image", "bad_label", "label_out_of_range", "unreadable_tar")
 
 
 def _where(sample: dict) -> str:
@@ -36,19 +44,66 @@ def _to_example(sample: dict, num_classes: int, transform: Callable) -> tuple:
     """Raw webdataset sample -> (transformed image, label, key), with errors that name shard and key."""
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
-        raise BadSampleError(f"{_where(sample)}: no image (expected one of {IMAGE_KEYS}), has {sorted(sample)}")
+        raise BadSampleError("no_image", f"{_where(sample)}: no image (expected one of {IMAGE_KEYS}), "
+                                         f"has {sorted(sample)}")
     try:
         image = _DECODE({"__key__": sample["__key__"], image_key: sample[image_key]})[image_key]
     except Exception as err:  # PIL raises several types for corrupt data
-        raise BadSampleError(f"{_where(sample)}: cannot decode {image_key} image: {err}") from err
+        raise BadSampleError("undecodable_image", f"{_where(sample)}: cannot decode {image_key} image: {err}") from err
     raw = sample.get("cls")
     try:
         label = int(raw.decode() if isinstance(raw, bytes) else raw)
     except (TypeError, ValueError):
-        raise BadSampleError(f"{_where(sample)}: label 'cls' is missing or not an integer: {raw!r}") from None
+        raise BadSampleError("bad_label", f"{_where(sample)}: label 'cls' is missing or not an integer: "
+                                          f"{raw!r}") from None
     if not 0 <= label < num_classes:
-        raise BadSampleError(f"{_where(sample)}: label {label} outside [0, {num_classes})")
+        raise BadSampleError("label_out_of_range", f"{_where(sample)}: label {label} outside [0, {num_classes})")
     return transform(image), label, sample["__key__"]
+
+
+class BadSamples:
+    """Per-worker tally of skipped samples (training with on_bad_sample="skip"); each batch carries a snapshot
+    so that the trainer can log them. In "error" mode the first bad sample stops the run."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.counts = dict.fromkeys(BAD_SAMPLE_KINDS, 0)
+        self.warned = 0
+
+    def skipped(self, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        if self.warned < 10:  # the counts, not the log, carry the rest
+            self.warned += 1
+            warnings.warn(f"skipped bad sample ({kind}): {message}")
+
+    def tar_error(self, exn: Exception) -> bool:
+        """webdataset handler for tar-level errors (truncated or corrupt tar): count and go on, or raise."""
+        if not self.skip:
+            raise BadSampleError("unreadable_tar", f"cannot read shard: {exn!r}") from exn
+        self.skipped("unreadable_tar", repr(exn))
+        return True
+
+
+def _examples(items: Iterator[tuple[int, dict]], role: _StreamRole, num_classes: int, transform: Callable,
+              bad: BadSamples) -> Iterator[tuple]:
+    for item in items:
+        try:
+            yield _augment(item, role, num_classes, transform)
+        except BadSampleError as err:
+            if not bad.skip:
+                raise
+            bad.skipped(err.kind, str(err))
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+    bad_samples: tuple[int, dict[str, int]]  # (stream role, that stream's skipped-sample counts so far)
+
+
+def _with_tally(batch: tuple, role: _StreamRole, bad: BadSamples) -> Batch:
+    return Batch(*batch, bad_samples=(role.resolve()[1], dict(bad.counts)))
 
 
 def _collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -100,17 +155,20 @@ def _augment(item: tuple[int, dict], role: _StreamRole, num_classes: int, transf
 
 
 def train_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_size: int, *, seed: int,
-                 num_workers: int, shuffle_buffer: int,
-                 start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Endless stream of full batches (images, labels, keys) for this rank, deterministic in (seed, rank,
-    num_workers); `start_batch` resumes it after that many batches exactly as an uninterrupted run goes on."""
+                 num_workers: int, shuffle_buffer: int, start_batch: int = 0,
+                 skip_bad_samples: bool = True) -> Iterator[Batch]:
+    """Endless stream of full batches for this rank, deterministic in (seed, rank, num_workers); `start_batch`
+    resumes it after that many batches exactly as an uninterrupted run goes on. Bad samples are skipped and
+    counted (or raise, naming shard and key, with skip_bad_samples=False)."""
     role = _StreamRole(seed, start_batch)
+    bad = BadSamples(skip_bad_samples)
     pipeline = wds.DataPipeline(
         wds.ResampledShards(list(split.filenames), seed=seed, deterministic=True, worker_seed=role.stream_seed),
-        wds.tarfile_to_samples(),
+        wds.tarfile_to_samples(handler=bad.tar_error),
         functools.partial(_resume_stream, role=role, bufsize=shuffle_buffer, batch_size=batch_size),
-        wds.map(functools.partial(_augment, role=role, num_classes=num_classes, transform=transform)),
+        functools.partial(_examples, role=role, num_classes=num_classes, transform=transform, bad=bad),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
+        wds.map(functools.partial(_with_tally, role=role, bad=bad)),
     )
     loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                         pin_memory=torch.cuda.is_available())
@@ -129,14 +187,15 @@ def _stride(samples: Iterator[dict], rank: int, world_size: int) -> Iterator[dic
 
 def eval_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_size: int, *, rank: int,
                 world_size: int, num_workers: int) -> DataLoader:
-    """One pass over the split; across ranks and workers every sample is seen exactly once.
+    """One pass over the split; across ranks and workers every sample is seen exactly once. Strict: a bad
+    sample stops the evaluation (naming shard and key) rather than silently shrinking the test set.
 
     Every rank-worker reads the split's tar bytes but decodes only its own 1/(world x workers) of them:
     exact for any split size, any number of shards, any world size.
     """
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(split.filenames)),
-        wds.tarfile_to_samples(),
+        wds.tarfile_to_samples(handler=BadSamples(skip=False).tar_error),
         functools.partial(_stride, rank=rank, world_size=world_size),
         wds.map(functools.partial(_to_example, num_classes=num_classes, transform=transform)),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
