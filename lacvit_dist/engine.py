@@ -25,9 +25,9 @@ from .data.shards import DatasetInfo
 from .data.transforms import evaluation
 from .evaluation import evaluate_classifier, evaluate_embeddings, lockstep
 from .figures import confusion_matrix_image, per_class_bar_image
-from .models import ContrastiveModel
+from .models import ContrastiveModel, estimate_memory, format_memory_estimate
 from .resilience import REQUEUE_EXIT_CODE, NonFiniteGuard, StopSignal
-from .tasks import Task
+from .tasks import VIEWS, Task
 from .tb import TensorBoard, log
 
 
@@ -130,6 +130,10 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
              stage.grad_accum_steps, global_batch,
              f", {terms} contrast terms per anchor" if terms is not None else "", steps_per_epoch, stage.epochs,
              cfg.deepspeed.precision, cfg.deepspeed.zero_stage, trainable / 1e6, task.stats.img_size)
+    if task.name == "stage1":  # the full backbone + head train only here; stage 2 trains a linear head
+        log.info("%s: %s", task.name, format_memory_estimate(estimate_memory(
+            cfg.model, stage.micro_batch_size, VIEWS, cfg.deepspeed.precision, cfg.deepspeed.zero_stage, world,
+            optimizer=stage.optimizer.name)))
 
     torch.manual_seed(cfg.run.seed * 1000 + rank + 1)  # per-rank RNG; the model was initialised before this
     ckpt_dir = stage_dir / "checkpoints"
