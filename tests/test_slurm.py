@@ -1,0 +1,239 @@
+"""The submitit/SLURM launcher (launchers/submit.py) on a real one-node SLURM cluster started for this session
+(launchers/local_cluster.py; installed by .ci/install_slurm.sh), 2 CPU tasks per job:
+
+* stage 1 then stage 2 (afterok dependency) in one run folder, both COMPLETED, every test sample counted;
+* `--status` lists both jobs; `--dry-run` prints sbatch scripts with every option and the dependency;
+* SIGUSR1 during training: checkpoint, exit 75, requeue through StageTask.checkpoint(), resume, finish.
+
+Without SLURM (or without root) the cluster tests are skipped, except under CI=true where they fail.
+"""
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))  # `launchers` is a folder of the checkout, not an installed package
+from launchers import local_cluster, slurm_jobs  # noqa: E402
+from lacvit_dist.data.shards import load_info  # noqa: E402
+
+SUBMIT = [sys.executable, str(REPO / "launchers" / "submit.py")]
+CONFIG = REPO / "configs" / "demo_digits.yaml"
+TINY = ["model.overrides.embed_dim=32", "model.overrides.depth=1", "model.overrides.num_heads=2",
+        "model.proj_dim=16", "data.num_workers=0", "data.shuffle_buffer=50"] + [
+    f"{stage}.{key}" for stage in ("stage1", "stage2", "baseline")
+    for key in ("epochs=1", "steps_per_epoch=2", "micro_batch_size=8", "log_every_steps=1")]
+RESOURCES = ["--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout-min", "10"]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def submit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*SUBMIT, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc
+
+
+def job_logs(run_dir: Path, lines: int = 40) -> str:
+    """The tail of every task log of every job of the run (for failure messages)."""
+    out = []
+    for log in sorted((run_dir / "slurm").glob("*/*_log.*")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"---- {log}\n" + "\n".join(text))
+    return "\n".join(out) or f"(no job logs under {run_dir / 'slurm'})"
+
+
+def jobs_of(run_dir: Path) -> dict[str, str]:
+    return {j["stage"]: j["job_id"] for j in json.loads((run_dir / "jobs.json").read_text())["jobs"]}
+
+
+def wait_until(predicate, timeout: float, what: str, details=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node cluster (slurmctld + slurmd, slurmdbd + MariaDB when installed) for the whole session."""
+    missing = local_cluster.missing_binaries()
+    problem = (f"SLURM is not installed ({', '.join(missing)} missing; run .ci/install_slurm.sh as root)" if missing
+               else "a local SLURM cluster needs root" if os.geteuid() != 0 else None)
+    if problem:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true: {problem}")
+        pytest.skip(problem)
+    directory = tmp_path_factory.mktemp("slurm")
+    state = local_cluster.start(directory, accounting="auto", timeout=90)
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = state.slurm_conf
+    try:
+        yield state
+    finally:
+        local_cluster.stop(directory)
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(slurm_cluster, digits_root, tmp_path_factory) -> Path:
+    """stage1 + stage2 submitted by the launcher (stage 2 afterok stage 1), waited for."""
+    out = tmp_path_factory.mktemp("slurm_runs")
+    proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "stage2", "--output-dir", str(out),
+                  "--run-name", "two", "--wait", "--wait-timeout-min", "4", f"data.root={digits_root}", *TINY)
+    run_dir = out / "two"
+    assert proc.returncode == 0, f"submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{job_logs(run_dir)}"
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+def test_two_stage_run_on_slurm(two_stage_run, digits_root):
+    run_dir = two_stage_run
+    jobs = jobs_of(run_dir)
+    assert set(jobs) == {"stage1", "stage2"}
+    states = slurm_jobs.job_states(list(jobs.values()))
+    assert all(s["state"] == "COMPLETED" for s in states.values()), f"{states}\n{job_logs(run_dir)}"
+    entries = json.loads((run_dir / "jobs.json").read_text())["jobs"]
+    assert entries[1]["depends_on"] == jobs["stage1"]  # stage 2 waited for stage 1 (afterok)
+    submission = next((run_dir / "slurm" / jobs["stage2"]).glob("*_submission.sh")).read_text()
+    assert f"--dependency=afterok:{jobs['stage1']}" in submission
+
+    s1 = json.loads((run_dir / "stage1" / "results.json").read_text())
+    s2 = json.loads((run_dir / "stage2" / "results.json").read_text())
+    assert s1["world_size"] == 2 and s2["world_size"] == 2  # two SLURM tasks formed one process group
+    assert s2["test"]["samples"] == load_info(digits_root).split("test").num_samples  # every test sample, once
+    assert 0.0 <= s2["test"]["top1"] <= 1.0
+    assert (run_dir / "stage1" / "backbone.safetensors").exists()
+    assert (run_dir / "config.yaml").exists()  # one run folder for both jobs
+    # submitit's logs live in the run folder, one sub-folder per job, one log per task
+    assert {p.name for p in (run_dir / "slurm" / jobs["stage1"]).glob("*_log.out")} == \
+        {f"{jobs['stage1']}_0_log.out", f"{jobs['stage1']}_1_log.out"}
+
+
+def test_status_lists_the_jobs(two_stage_run):
+    proc = submit("--status", str(two_stage_run), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    jobs = jobs_of(two_stage_run)
+    for stage, job_id in jobs.items():
+        row = next((line for line in proc.stdout.splitlines() if line.startswith(stage)), None)
+        assert row is not None and job_id in row and "COMPLETED" in row, proc.stdout
+    assert "finished at step 2" in proc.stdout and "test top1" in proc.stdout
+    assert str(two_stage_run / "stage1" / "tb") in proc.stdout
+
+
+def test_resubmitting_a_finished_run_submits_nothing(two_stage_run, digits_root):
+    proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "stage2", "--output-dir",
+                  str(two_stage_run.parent), "--run-name", two_stage_run.name, f"data.root={digits_root}", *TINY,
+                  timeout=60)
+    assert proc.returncode == 0 and "nothing to submit" in proc.stdout, proc.stdout + proc.stderr
+    assert len(json.loads((two_stage_run / "jobs.json").read_text())["jobs"]) == 2
+
+
+def test_dry_run_prints_sbatch_scripts(tmp_path, digits_root):
+    proc = submit("--config", str(CONFIG), "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8",
+                  "--mem", "64G", "--timeout-min", "30", "--partition", "gpu", "--account", "proj", "--qos", "high",
+                  "--constraint", "a100", "--exclusive", "--sbatch-opt", "mail-type=END",
+                  "--stages", "stage1", "stage2", "baseline", "--output-dir", str(tmp_path), "--run-name", "dry",
+                  "--dry-run", f"data.root={digits_root}", "stage1.epochs=3", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for option in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64G",
+                   "--time=30", "--partition=gpu", "--account=proj", "--qos=high", "--constraint=a100",
+                   "--exclusive", "--signal=USR1@120", "--requeue", "--mail-type=END"):
+        assert text.count(f"#SBATCH {option}") == 3, f"#SBATCH {option} not in every script:\n{text}"
+    assert all(f"#SBATCH --job-name=lacvit-{s}" in text for s in ("stage1", "stage2", "baseline"))
+    assert re.search(r"srun --unbuffered \S*python\S* \S*train\.py --config \S+demo_digits\.yaml .*stage1\.epochs=3 "
+                     r".*--stages stage1\n", text)
+    assert "--dependency=afterok:${jid_stage1}" in text
+    assert text.count("afterok") >= 4  # stage 2 and baseline: a comment in the script + the sbatch flag
+    assert "scontrol requeue" in text and str(tmp_path / "dry") in text
+    assert not (tmp_path / "dry").exists()  # nothing submitted, nothing written
+
+
+def test_config_error_stops_before_submitting(tmp_path):
+    proc = submit("--config", str(CONFIG), "--output-dir", str(tmp_path), "--run-name", "bad", "stage1.epoch=3",
+                  timeout=60)
+    assert proc.returncode == 2 and "stage1.epoch: unknown key" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_checkpoint_hook_resubmits_the_same_task_and_counts_requeues(tmp_path):
+    spec = slurm_jobs.StageSpec(stage="stage1", config=str(CONFIG), overrides=("a=1",), run_dir=str(tmp_path),
+                                cwd=str(REPO), max_requeues=2, timeout_min=10)
+    task = pickle.loads(pickle.dumps(slurm_jobs.StageTask(spec)))  # what submitit stores
+    first = task.checkpoint()
+    assert isinstance(first.function, slurm_jobs.StageTask) and first.function.spec == spec  # nothing frozen in
+    assert task.checkpoint() is not None
+    assert task.checkpoint() is None  # the third exceeds --max-requeues 2
+    assert json.loads((tmp_path / "slurm" / "requeues.json").read_text()) == {"stage1": 3}
+
+
+def test_world_from_slurm_variables_uses_loopback_on_one_node(monkeypatch):
+    # Leaked torchrun variables from the submitting shell must not win over SLURM's.
+    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4321", "SLURM_PROCID": "1",
+                       "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node-does-not-exist",
+                       "SLURM_JOB_NUM_NODES": "1", "RANK": "7", "WORLD_SIZE": "9", "LOCAL_RANK": "3",
+                       "MASTER_ADDR": "elsewhere", "MASTER_PORT": "1", "LOCAL_WORLD_SIZE": "9",
+                       "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    values = slurm_jobs._export_world()
+    assert values == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(20000 + 4321 % 20000)}
+    assert os.environ["RANK"] == "1"
+
+
+def test_signal_checkpoints_requeues_and_resumes(slurm_cluster, digits_root, tmp_path):
+    steps = 120
+    proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "--output-dir", str(tmp_path),
+                  "--run-name", "rq", "--max-requeues", "2", f"data.root={digits_root}", *TINY,
+                  f"stage1.steps_per_epoch={steps}", "stage1.log_every_steps=5", timeout=60)
+    run_dir = tmp_path / "rq"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = jobs_of(run_dir)["stage1"]
+    logs = [run_dir / "slurm" / job_id / f"{job_id}_0_log.{kind}" for kind in ("out", "err")]
+
+    def rank0_log() -> str:
+        return "".join(p.read_text(errors="replace") for p in logs if p.exists())
+
+    def logged(pattern: str) -> bool:
+        return re.search(pattern, rank0_log()) is not None
+
+    def state() -> dict[str, str]:
+        return slurm_jobs.job_states([job_id])[job_id]
+
+    wait_until(lambda: logged(rf"step (1\d|[2-9]\d|1\d\d)/{steps}\b"), 120, "stage 1 to train 10 steps",
+               lambda: job_logs(run_dir))
+    assert state()["state"] == "RUNNING", job_logs(run_dir)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)  # what SLURM sends before the limit
+
+    wait_until(lambda: int(state().get("restarts", "0")) >= 1 and state()["state"] in ("PENDING", "RUNNING"), 90,
+               "the job to be requeued", lambda: f"{state()}\n{job_logs(run_dir)}")
+    # slurmctld holds a requeued job back for ~2 minutes (Reason=BeginTime, set once the old run has finished
+    # COMPLETING); release it now to keep the test short.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=30)
+    wait_until(lambda: state()["state"] in slurm_jobs.TERMINAL_STATES, 180, "the requeued job to finish",
+               lambda: f"{state()}\n{job_logs(run_dir)}")
+    assert state()["state"] == "COMPLETED", f"{state()}\n{job_logs(run_dir)}"
+
+    assert json.loads((run_dir / "slurm" / "requeues.json").read_text()) == {"stage1": 1}
+    text = rank0_log()
+    assert re.search(r"stop requested .* exiting with code 75", text), job_logs(run_dir)
+    match = re.search(rf"resumed from \S+ at step (\d+)/{steps}", text)
+    assert match and 10 <= int(match.group(1)) < steps, job_logs(run_dir)  # continued, did not start over
+    results = json.loads((run_dir / "stage1" / "results.json").read_text())
+    assert results["steps"] == steps and results["world_size"] == 2
