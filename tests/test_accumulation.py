@@ -39,11 +39,15 @@ def _one_optimizer_step(rank, world_size, accumulation, accum, zero_stage):
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own images, the same in every run
     views = torch.randn(IMAGES_PER_RANK, 2, 3, 16, 16, generator=gen)
     labels = torch.randint(0, 3, (IMAGES_PER_RANK,), generator=gen)
-    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    def params():  # ZeRO-3 partitions parameters: gather them to read them whole
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+    before = params()
     metrics = task.train_step(engine, [(views[i * micro:(i + 1) * micro], labels[i * micro:(i + 1) * micro])
                                        for i in range(accum)], NonFiniteGuard(1))
     assert engine.global_steps == 1  # exactly one optimizer step was taken
-    update = {n: (before[n] - p.detach()).numpy() for n, p in engine.module.named_parameters()}
+    update = {n: (before[n] - p).numpy() for n, p in params().items()}
     return update, float(metrics["loss"]), task.contrast_terms(micro, accum, world_size)
 
 
@@ -54,13 +58,13 @@ def _max_rel_diff(a, b):
 @pytest.fixture(scope="module")
 def updates():
     """{(accumulation, accum, zero_stage): per-rank (update, loss, contrast terms)}, one 2-process job."""
-    runs = [(mode, accum, zero) for zero in (0, 2)
+    runs = [(mode, accum, zero) for zero in (0, 2, 3)
             for mode, accum in (("enlarge_contrast", 1), ("enlarge_contrast", 4), ("plain", 4))]
     per_rank = run_in_processes(_optimizer_steps, 2, runs, timeout=300)
     return {run: [per_rank[r][i] for r in range(2)] for i, run in enumerate(runs)}
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_enlarged_accumulation_equals_one_big_batch(updates, zero_stage):
     big_update, big_loss, big_terms = updates["enlarge_contrast", 1, zero_stage][0]
     enlarged = updates["enlarge_contrast", 4, zero_stage]
@@ -70,7 +74,7 @@ def test_enlarged_accumulation_equals_one_big_batch(updates, zero_stage):
     assert enlarged[0][2] == big_terms == 2 * 8 * 2 - 1
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_plain_accumulation_contrasts_one_micro_batch(updates, zero_stage):
     big_update = updates["enlarge_contrast", 1, zero_stage][0][0]
     plain_update, _, plain_terms = updates["plain", 4, zero_stage][0]
