@@ -23,7 +23,7 @@ from .config import Config, ConfigError, StageConfig, deep_merge, check_batch_ar
 from .data.pipeline import BAD_SAMPLE_KINDS, eval_loader, train_loader
 from .data.shards import DatasetInfo
 from .data.transforms import evaluation
-from .evaluation import evaluate_classifier, evaluate_embeddings, lockstep
+from .evaluation import embed_split, evaluate_classifier, evaluate_embeddings, lockstep
 from .figures import confusion_matrix_image, per_class_bar_image
 from .models import ContrastiveModel, estimate_memory, format_memory_estimate
 from .resilience import REQUEUE_EXIT_CODE, NonFiniteGuard, StopSignal
@@ -224,6 +224,8 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     results["val"] = evaluate(cfg.data.val_split, step, stage.epochs, images=True)
     if task.classifies:
         results["test"] = evaluate(cfg.data.test_split, step, stage.epochs, images=True)
+    tb.hparams(_hparams(cfg, task.name, global_batch, world), {
+        **{f"val_{k}": v for k, v in results["val"].items()}, **{f"test_{k}": v for k, v in results.get("test", {}).items()}})
     if saved_at != step:
         save()
     results["export"] = str(_export(cfg, task, engine, stage_dir, step))
@@ -235,6 +237,17 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     del engine, optimizer, batches
     gc.collect()
     return results
+
+
+def _hparams(cfg: Config, stage_name: str, global_batch: int, world: int) -> dict[str, Any]:
+    stage = cfg.stage(stage_name)
+    hparams = {"model": cfg.model.name, "global_pool": cfg.model.global_pool, "global_batch": global_batch,
+               "world_size": world, "epochs": stage.epochs, "optimizer": stage.optimizer.name,
+               "lr": stage.optimizer.lr, "weight_decay": stage.optimizer.weight_decay,
+               "precision": cfg.deepspeed.precision, "zero_stage": cfg.deepspeed.zero_stage, "seed": cfg.run.seed}
+    if stage_name == "stage1":
+        hparams.update(temperature=cfg.stage1.temperature, accumulation=cfg.stage1.accumulation)
+    return hparams
 
 
 def _bad_sample_totals(per_stream: dict[int, dict[str, int]], before: dict[str, int]) -> dict[str, float]:
@@ -300,9 +313,21 @@ class _Evaluator:
             log.info("%s epoch %d %s kNN top1 %.4f, backbone isotropy %.3f, effective rank %.1f", task.name,
                      epoch, split_name, metrics["knn_top1"], metrics["backbone/isotropy"],
                      metrics["backbone/effective_rank"])
+            if images and self.cfg.logging.tensorboard:
+                self._projector(split_name, step)
         task.set_train_mode(engine.module)
         self.tb.scalars(metrics, step, group=split_name)
         return metrics
+
+    def _projector(self, split_name: str, step: int, max_points: int = 2000) -> None:
+        """A sample of the split's backbone embeddings with class labels for TensorBoard's projector."""
+        engine = self.engine
+        feats, labels = embed_split(lambda x: {"backbone": engine.module.backbone(x)}, self._loader(split_name),
+                                    engine.device, _model_dtype(engine))
+        feats = dist_utils.all_gather_variable(feats["backbone"])[:max_points]
+        labels = dist_utils.all_gather_variable(labels)[:max_points]
+        names = [self.info.class_names[i] for i in labels.tolist()]
+        self.tb.embedding("backbone", feats.cpu(), names, step, split_name)
 
 
 def _export(cfg: Config, task: Task, engine, stage_dir: Path, step: int) -> Path:

@@ -40,6 +40,18 @@ class TensorBoard:
         if self.writer is not None:
             self.writer.add_image(f"{self.stage}/{group}/{name}", image, step, dataformats="HWC")
 
+    def embedding(self, name: str, features: "torch.Tensor", labels: list[str], step: int, group: str) -> None:
+        """The projector view of a sample of embeddings, labelled by class name."""
+        if self.writer is not None:
+            self.writer.add_embedding(features, metadata=labels, global_step=step,
+                                      tag=f"{self.stage}/{group}/{name}")
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        """Hyper-parameters with the stage's final metrics (TensorBoard's HPARAMS tab)."""
+        if self.writer is not None:
+            numeric = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.writer.add_hparams(hparams, numeric, run_name="hparams")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()

@@ -89,6 +89,11 @@ def test_deepspeed_launcher_two_ranks_all_stages(digits_root, deepspeed_run):
     stage1_tags = tags(run_dir / "stage1" / "tb")
     assert {"stage1/train/loss", "stage1/train/lr", "stage1/train/images_per_s", "stage1/val/knn_top1",
             "stage1/val/backbone/isotropy", "stage1/val/projection/effective_rank"} <= stage1_tags["scalars"]
+    assert (run_dir / "stage1" / "tb" / "projector_config.pbtxt").exists()  # labelled embedding projector
+    hparams = EventAccumulator(str(run_dir / "stage1" / "tb" / "hparams"))
+    hparams.Reload()
+    assert "_hparams_/experiment" in hparams.PluginTagToContent("hparams")  # hyper-parameters + final metrics
+    assert "final/val_knn_top1" in hparams.Tags()["scalars"]
     stage2_tags = tags(run_dir / "stage2" / "tb")
     assert {"stage2/train/loss", "stage2/test/top1", "stage2/val/top1"} <= stage2_tags["scalars"]
     assert {"stage2/test/confusion", "stage2/test/per_class_accuracy"} <= set(stage2_tags["images"])
