@@ -26,7 +26,8 @@ class WorldInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now (for single-process runs, tests, local launches)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -76,7 +77,7 @@ def detect_world(env: Mapping[str, str] | None = None) -> WorldInfo:
                          world_size=_require_int(env, "SLURM_NTASKS"),
                          master_addr=_first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
                          master_port=20000 + job_id % 20000, launcher="slurm")
-    return WorldInfo(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=_free_port(),
+    return WorldInfo(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
                      launcher="single")
 
 

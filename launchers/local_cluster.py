@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lacvit_dist.distributed import free_port
+
 STATE_FILE = "cluster.json"
 CLUSTER_NAME = "lacvit"
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
@@ -78,12 +80,6 @@ class ClusterState:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _alive(pid: int) -> bool:
     try:
@@ -406,7 +402,7 @@ def start(directory: str | Path, accounting: str = "auto", timeout: float = 60) 
     d.chmod(0o755)
     state = ClusterState(dir=str(d), hostname=socket.gethostname().split(".")[0],
                          slurm_conf=str(d / "slurm.conf"), accounting="dbd" if use_dbd else "none",
-                         ports={name: _free_port() for name in ("slurmctld", "slurmd", "slurmdbd", "mariadb")})
+                         ports={name: free_port() for name in ("slurmctld", "slurmd", "slurmdbd", "mariadb")})
     state.save()
     try:
         state.munge_started = _start_munge()

@@ -195,10 +195,10 @@ def _export_world() -> dict[str, str]:
                       LOCAL_WORLD_SIZE=dist_env.local_world_size, MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=dist_env.master_port)
     else:
-        from lacvit_dist.distributed import _free_port
+        from lacvit_dist.distributed import free_port
 
         values = dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=_free_port())
+                      MASTER_PORT=free_port())
     values = {k: str(v) for k, v in values.items()}
     os.environ.update(values)
     return values

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
-import socket
 import sys
 import time
 import traceback
@@ -23,6 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from lacvit_dist.distributed import free_port  # noqa: F401 (the tests import it from here)
 
 
 class RemoteTraceback(Exception):
@@ -38,12 +39,6 @@ class RemoteTraceback(Exception):
 
 class ChildProcessFailed(RuntimeError):
     """A child failed with an exception that could not be sent back as itself, or died without a result."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any) -> None:

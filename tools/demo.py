@@ -8,19 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from lacvit_dist.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -38,7 +33,7 @@ def main() -> int:
             return 1
     run_name = time.strftime("demo-%Y%m%d-%H%M%S")
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(args.ranks), "--master_port", str(_free_port()),
+    cmd = [str(launcher), "--num_gpus", str(args.ranks), "--master_port", str(free_port()),
            str(REPO / "train.py"), "--config", args.config, f"data.root={args.data}",
            f"run.output_dir={args.output_dir}", f"run.name={run_name}", *args.overrides]
     print("+", " ".join(cmd), flush=True)
