@@ -77,10 +77,13 @@ def embed_split(encode: Callable[[torch.Tensor], dict[str, torch.Tensor]], batch
 
 def evaluate_embeddings(encode: Callable[[torch.Tensor], dict[str, torch.Tensor]], bank_batches: Iterable,
                         query_batches: Iterable, device: torch.device, dtype: torch.dtype, num_classes: int,
-                        expected: tuple[int, int], where: str, k: int = 20) -> dict[str, float]:
+                        expected: tuple[int, int], where: str,
+                        k: int = 20) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """kNN accuracy of the "backbone" embeddings (bank: every training sample, gathered on every rank;
     queries: this rank's share of the val split, correct counts summed) and embedding health of the gathered
-    val embeddings, per embedding name ("backbone/isotropy", "projection/mean_cosine", ...)."""
+    val embeddings, per embedding name ("backbone/isotropy", "projection/mean_cosine", ...).
+
+    Also returns the gathered query embeddings by name, plus "labels", for plots and the projector."""
     bank, bank_labels = embed_split(encode, bank_batches, device, dtype)
     bank = dist_utils.all_gather_variable(bank["backbone"])
     bank_labels = dist_utils.all_gather_variable(bank_labels)
@@ -91,8 +94,9 @@ def evaluate_embeddings(encode: Callable[[torch.Tensor], dict[str, torch.Tensor]
     _check_count(len(bank_labels), expected[0], f"{where} (kNN bank)")
     _check_count(int(queries), expected[1], where)
     results = {"knn_top1": float(correct / queries), "samples": int(queries)}
-    all_query_labels = dist_utils.all_gather_variable(query_labels)
+    gathered = {name: dist_utils.all_gather_variable(values) for name, values in query.items()}
+    gathered["labels"] = dist_utils.all_gather_variable(query_labels)
     for name, values in query.items():
-        health = embedding_health(dist_utils.all_gather_variable(values), all_query_labels)
+        health = embedding_health(gathered[name], gathered["labels"])
         results.update({f"{name}/{key}": value for key, value in health.items()})
-    return results
+    return results, gathered

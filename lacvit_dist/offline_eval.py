@@ -25,7 +25,7 @@ from .config import ModelConfig
 from .data.pipeline import eval_loader
 from .data.shards import load_info
 from .data.transforms import evaluation
-from .evaluation import embed_split, evaluate_classifier, evaluate_embeddings
+from .evaluation import evaluate_classifier, evaluate_embeddings
 from .figures import confusion_matrix_image, per_class_bar_image, save_png, scatter_image
 from .models import create_backbone, image_stats
 
@@ -97,12 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             features = model.forward_head(model.forward_features(images), pre_logits=True)
             return {"backbone": features}
         with torch.no_grad():
-            results["embeddings"] = evaluate_embeddings(
+            results["embeddings"], embeddings = evaluate_embeddings(
                 encode, loader(args.bank_split), loader(args.split), device, torch.float32, info.num_classes,
                 (info.split(args.bank_split).num_samples, info.split(args.split).num_samples), where)
-            feats, labels = embed_split(encode, loader(args.split), device, torch.float32)
-            feats = dist_utils.all_gather_variable(feats["backbone"])
-            labels = dist_utils.all_gather_variable(labels)
     if world.is_main:
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps(results, indent=2))
@@ -114,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.split}: top1 {cls['top1']:.4f}  top5 {cls['top5']:.4f}  loss {cls['loss']:.4f}  "
                   f"({cls['samples']} samples)")
         if "embeddings" in results:
-            save_png(scatter_image(_pca_2d(feats).cpu(), labels.cpu(), info.class_names,
+            points = _pca_2d(embeddings["backbone"]).cpu()
+            save_png(scatter_image(points, embeddings["labels"].cpu(), info.class_names,
                                    title=f"{args.split} embeddings (PCA)"), out / "embeddings_pca.png")
             emb = results["embeddings"]
             print(f"{args.split}: kNN top1 {emb['knn_top1']:.4f}  " + "  ".join(
