@@ -86,9 +86,10 @@ class BadSamples:
 
 def _examples(items: Iterator[tuple[int, dict]], role: _StreamRole, num_classes: int, transform: Callable,
               bad: BadSamples) -> Iterator[tuple]:
+    stream_seed = role.stream_seed()  # resolved inside the worker, once per stream
     for item in items:
         try:
-            yield _augment(item, role, num_classes, transform)
+            yield _augment(item, stream_seed, num_classes, transform)
         except BadSampleError as err:
             if not bad.skip:
                 raise
@@ -145,12 +146,12 @@ def _resume_stream(samples: Iterator[dict], role: _StreamRole, bufsize: int,
     yield from itertools.islice(enumerate(samples), done * batch_size, None)
 
 
-def _augment(item: tuple[int, dict], role: _StreamRole, num_classes: int, transform: Callable) -> tuple:
+def _augment(item: tuple[int, dict], stream_seed: int, num_classes: int, transform: Callable) -> tuple:
     """Decode and transform with an RNG seeded by the sample's position in the stream, so that an image
     gets the same augmentation whether or not the run was interrupted before it."""
     index, sample = item
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(wds.utils.make_seed(role.stream_seed(), 2, index))
+        torch.manual_seed(wds.utils.make_seed(stream_seed, 2, index))
         return _to_example(sample, num_classes, transform)
 
 
