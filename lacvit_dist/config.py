@@ -31,6 +31,7 @@ class RunConfig:
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 5  # non-finite loss: skip the step on all ranks; stop after this many in a row
+    stop_check_every_steps: int = 10  # how often ranks agree on a pending SIGTERM/SIGUSR1 (one all-reduce)
 
 
 @dataclass
@@ -290,6 +291,8 @@ def validate(cfg: Config) -> None:
     for key in ("checkpoint_every_steps", "keep_checkpoints"):
         if getattr(cfg.run, key) < 0:
             raise ConfigError(f"run.{key}: must be >= 0, got {getattr(cfg.run, key)}")
+    if cfg.run.stop_check_every_steps < 1:
+        raise ConfigError(f"run.stop_check_every_steps: must be >= 1, got {cfg.run.stop_check_every_steps}")
     if cfg.run.max_nonfinite_steps < 1:
         raise ConfigError(f"run.max_nonfinite_steps: must be >= 1, got {cfg.run.max_nonfinite_steps}")
     for name in STAGES:

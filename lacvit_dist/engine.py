@@ -23,7 +23,7 @@ from .config import Config, ConfigError, StageConfig, deep_merge, check_batch_ar
 from .data.pipeline import BAD_SAMPLE_KINDS, eval_loader, train_loader
 from .data.shards import DatasetInfo
 from .data.transforms import evaluation
-from .evaluation import embed_split, evaluate_classifier, evaluate_embeddings, lockstep
+from .evaluation import evaluate_classifier, evaluate_embeddings, lockstep
 from .figures import confusion_matrix_image, per_class_bar_image
 from .models import ContrastiveModel, estimate_memory, format_memory_estimate
 from .resilience import REQUEUE_EXIT_CODE, NonFiniteGuard, StopSignal
@@ -95,8 +95,9 @@ def build_optimizer(model: torch.nn.Module, stage: StageConfig, total_steps: int
 
 
 def _model_dtype(engine) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "", torch.float32)
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else torch.float32
 
 
 def _full_state_dict(engine, module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -208,12 +209,15 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
             if step < total_steps and (epoch_end or (every and step % every == 0)):
                 save()
                 saved_at = step
-            # Every rank learns of a signal any rank got (one tiny all-reduce) and they stop together.
-            if stop.requested_anywhere(device):
+            # Every rank learns of a signal any rank got and they stop together. The check is an all-reduce
+            # plus a host read, so it runs every few steps, not on every step's hot path.
+            check = step % cfg.run.stop_check_every_steps == 0 or epoch_end or step == total_steps
+            if check and stop.requested_anywhere(device):
                 if saved_at != step:
                     save()
-                log.warning("%s: stop requested (signal %s); checkpoint at step %d saved, exiting with code %d "
-                            "for a requeue", task.name, stop.received, step, REQUEUE_EXIT_CODE)
+                log.warning("%s: stop requested (%s); checkpoint at step %d saved, exiting with code %d for a "
+                            "requeue", task.name, stop.received.name if stop.received else "signal on another rank",
+                            step, REQUEUE_EXIT_CODE)
                 raise StopRequested(step)
 
     results: dict[str, Any] = {"stage": task.name, "steps": step, "epochs": stage.epochs,
@@ -307,27 +311,19 @@ class _Evaluator:
             engine.module.eval()
             expected = (self.info.split(self.cfg.data.train_split).num_samples,
                         self.info.split(split_name).num_samples)
-            metrics = evaluate_embeddings(task.encode(engine.module), self._loader(self.cfg.data.train_split),
-                                          self._loader(split_name), device, dtype, self.info.num_classes,
-                                          expected, where)
+            metrics, embeddings = evaluate_embeddings(
+                task.encode(engine.module), self._loader(self.cfg.data.train_split), self._loader(split_name),
+                device, dtype, self.info.num_classes, expected, where)
             log.info("%s epoch %d %s kNN top1 %.4f, backbone isotropy %.3f, effective rank %.1f", task.name,
                      epoch, split_name, metrics["knn_top1"], metrics["backbone/isotropy"],
                      metrics["backbone/effective_rank"])
-            if images and self.cfg.logging.tensorboard:
-                self._projector(split_name, step)
+            if images:  # a labelled sample for TensorBoard's projector (a no-op off rank 0)
+                sample, labels = embeddings["backbone"][:2000], embeddings["labels"][:2000].tolist()
+                self.tb.embedding("backbone", sample.cpu(), [self.info.class_names[i] for i in labels], step,
+                                  split_name)
         task.set_train_mode(engine.module)
         self.tb.scalars(metrics, step, group=split_name)
         return metrics
-
-    def _projector(self, split_name: str, step: int, max_points: int = 2000) -> None:
-        """A sample of the split's backbone embeddings with class labels for TensorBoard's projector."""
-        engine = self.engine
-        feats, labels = embed_split(lambda x: {"backbone": engine.module.backbone(x)}, self._loader(split_name),
-                                    engine.device, _model_dtype(engine))
-        feats = dist_utils.all_gather_variable(feats["backbone"])[:max_points]
-        labels = dist_utils.all_gather_variable(labels)[:max_points]
-        names = [self.info.class_names[i] for i in labels.tolist()]
-        self.tb.embedding("backbone", feats.cpu(), names, step, split_name)
 
 
 def _export(cfg: Config, task: Task, engine, stage_dir: Path, step: int) -> Path:

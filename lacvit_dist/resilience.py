@@ -106,14 +106,9 @@ class StopSignal:
         return self.received is not None
 
     def requested_anywhere(self, device: torch.device | str | None = None) -> bool:
-        """True on every rank if ANY rank got a signal; a collective (one tiny all-reduce): call it on all ranks
-        at the same step. The first time it turns True it logs which signal this rank saw."""
-        agreed = any_rank(self.requested, device)
-        if agreed and not getattr(self, "_logged", False):
-            self._logged = True
-            log.warning("stop requested (%s on this rank); saving a checkpoint and exiting with code %d for requeue",
-                        self.received.name if self.received else "signal on another rank", REQUEUE_EXIT_CODE)
-        return agreed
+        """True on every rank if ANY rank got a signal; a collective (one tiny all-reduce and a host read):
+        call it on all ranks at the same step, every few steps rather than every step."""
+        return any_rank(self.requested, device)
 
     def close(self) -> None:
         for sig, previous in self._previous.items():
