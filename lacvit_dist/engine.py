@@ -51,7 +51,11 @@ def deepspeed_config(cfg: Config, stage: StageConfig, world_size: int) -> dict[s
     if "optimizer" in user or "scheduler" in user:
         raise ConfigError(f"deepspeed.config_file: {path} defines optimizer/scheduler; they come from the "
                           f"stage's optimizer section (timm's param groups, warmup + cosine)")
-    return deep_merge(generated, user)
+    merged = deep_merge(generated, user)
+    if merged["bf16"].get("enabled") and merged["bf16"].get("check_grad_overflow") is False:
+        raise ConfigError(f"deepspeed.config_file: {path} sets bf16.check_grad_overflow=false; the non-finite "
+                          "step guard relies on DeepSpeed skipping steps with non-finite gradients under bf16")
+    return merged
 
 
 def _generated_deepspeed_config(cfg: Config, stage: StageConfig, world_size: int) -> dict[str, Any]:

@@ -12,24 +12,29 @@ same checkpoint and leave together. Then the process exits with `REQUEUE_EXIT_CO
 
 Non-finite steps
 ----------------
-`NonFiniteGuard.check(loss, engine)` decides, before backward, with one all-reduce, whether this micro-batch's
-loss is finite on EVERY rank; `guarded_backward_step` then runs backward/step so that a step with a non-finite
-loss on any rank is skipped on all ranks, with DeepSpeed's counters (micro_steps, accumulation boundary) kept
-identical everywhere. How the skip works (read in deepspeed/runtime/engine.py `_take_model_step` and
+A step whose gradients are not finite on some rank is skipped on every rank, with DeepSpeed's counters
+(micro_steps, accumulation boundary) kept identical everywhere; `NonFiniteGuard` counts skipped steps and
+gives up after N in a row. How a skip happens (read in deepspeed/runtime/engine.py `_take_model_step` and
 zero/stage_1_and_2.py / bf16_optimizer.py `step`):
 
-* DeepSpeed's ZeRO-1/2/3 optimizers (fp32: non-finite global grad norm; fp16: loss-scaler overflow) and its
-  BF16 optimizer (`bf16.check_grad_overflow`, default true) already skip a step whose gradients are not
-  finite: they clear their own gradient buffers, count `engine.skipped_steps`, and do not step the LR
-  scheduler (`engine.was_step_applied()` is False). Their grad norm is all-reduced, so the skip is global.
+* DeepSpeed's ZeRO-1/2/3 optimizers (non-finite global grad norm) and its BF16 optimizer
+  (`bf16.check_grad_overflow`, default true, required by deepspeed_config) already skip a step whose
+  gradients are not finite: they clear their own gradient buffers, count `engine.skipped_steps`, and do not
+  step the LR scheduler (`engine.was_step_applied()` is False). Their grad norm is all-reduced, so the skip is
+  global. There `guarded_backward_step` adds NOTHING to the hot path: it reads `was_step_applied()` at the
+  boundary (a host flag DeepSpeed already computed) and counts. No extra collective, no extra device sync.
+* fp16 also skips on overflow, but loss-scale overflows are routine (the scaler's calibration), so there the
+  guard checks the LOSS instead: one all-reduce per micro-batch decides whether it is finite on every rank,
+  and only such steps count towards giving up.
 * With ZeRO stage 0 in fp32 the engine's optimizer is the plain torch optimizer: nothing is checked, NaN would
-  be applied (tests/test_resilience.py shows it). There the gradients live in `param.grad`; at the boundary of
-  a skipped step we zero them and run `engine.step()` with the optimizer's and LR scheduler's `step` shadowed
-  by no-ops for that call, then count `engine.skipped_steps`: the same outcome as DeepSpeed's overflow path
-  (no parameter, momentum or LR change; micro/global step counters advance).
-* To make both paths fire reliably, a skipped micro-batch is back-propagated as `loss * NaN` (every parameter
-  in the graph gets a NaN gradient, on every rank; the real graph, so ZeRO-3's hooks run as usual). NaN
-  survives accumulation, so later micro-batches of the same optimizer step need nothing special.
+  be applied (tests/test_resilience.py shows it). There too the loss is checked per micro-batch, and at the
+  boundary of a skipped step the gradients are zeroed and `engine.step()` runs with the optimizer's and LR
+  scheduler's `step` shadowed by no-ops for that call, then `engine.skipped_steps` is counted: the same
+  outcome as DeepSpeed's overflow path (no parameter, momentum or LR change; micro/global step counters
+  advance).
+* On the loss-checked paths a skipped micro-batch is back-propagated as `loss * NaN` (every parameter in the
+  graph gets a NaN gradient, on every rank; the real graph, so ZeRO-3's hooks run as usual). NaN survives
+  accumulation, so later micro-batches of the same optimizer step need nothing special.
 """
 from __future__ import annotations
 
@@ -156,22 +161,29 @@ class NonFiniteGuard:
             self.step_poisoned = True
         boundary = True if engine is None else bool(engine.is_gradient_accumulation_boundary())
         if boundary:
-            self._settle(engine)
+            self._settle()
         return finite
 
-    def _settle(self, engine) -> None:
+    def settle(self, skipped: bool) -> None:
+        """Count one finished optimizer step that the engine itself skipped or applied (every rank calls it
+        with the same answer). Raises NonFiniteError at the end of the `max_consecutive`-th skip in a row."""
+        self.step_poisoned = skipped
+        self._settle()
+        self.step_poisoned = False
+
+    def _settle(self) -> None:
         self.checked_steps += 1
         if not self.step_poisoned:
             self.consecutive = 0
             return
         self.skipped += 1
         self.consecutive += 1
-        where = f"optimizer step {engine.global_steps + 1}" if engine is not None else f"step {self.checked_steps}"
-        log.warning("non-finite loss at %s on at least one rank: step skipped on all ranks (%d in a row, %d in total)",
-                    where, self.consecutive, self.skipped)
+        where = f"optimizer step {self.checked_steps}"
+        log.warning("non-finite loss or gradients at %s on at least one rank: step skipped on all ranks "
+                    "(%d in a row, %d in total)", where, self.consecutive, self.skipped)
         if self.consecutive >= self.max_consecutive:
-            raise NonFiniteError(f"{self.consecutive} optimizer steps in a row had a non-finite loss (last at {where}; "
-                                 f"{self.skipped} skipped in total); giving up. Lower the learning rate, enable "
+            raise NonFiniteError(f"{self.consecutive} optimizer steps in a row had a non-finite loss or gradients "
+                                 f"(last at {where}; {self.skipped} skipped in total); giving up. Lower the learning rate, enable "
                                  "gradient clipping, or check the data and the precision (fp16/bf16 losses "
                                  "should be computed in fp32)")
 
@@ -216,11 +228,22 @@ def _step_without_update(engine) -> None:
     engine._step_applied = False
 
 
-def guarded_backward_step(engine, loss: torch.Tensor, guard: NonFiniteGuard, **backward_kwargs) -> bool:
-    """`engine.backward(loss); engine.step()` for one micro-batch, except that a step with a non-finite loss on
-    any rank is skipped on every rank. Returns whether this micro-batch's loss was finite everywhere.
+def engine_skip_is_reliable(engine) -> bool:
+    """True where a step DeepSpeed skips means non-finite gradients, not a routine fp16 loss-scale overflow."""
+    return engine_skips_nonfinite_grads(engine) and not engine.fp16_enabled()
+
+
+def guarded_backward_step(engine, loss: torch.Tensor, guard: NonFiniteGuard, **backward_kwargs) -> None:
+    """`engine.backward(loss); engine.step()` for one micro-batch, except that a step with non-finite loss or
+    gradients on any rank is skipped on every rank (see the module docstring for the three paths).
     `backward_kwargs` go to engine.backward (e.g. scale_wrt_gas=False for the feature-cache path)."""
     boundary = bool(engine.is_gradient_accumulation_boundary())
+    if engine_skip_is_reliable(engine):  # DeepSpeed checks the gradients itself: nothing to add per micro-batch
+        engine.backward(loss, **backward_kwargs)
+        engine.step()
+        if boundary:
+            guard.settle(skipped=not engine.was_step_applied())
+        return
     finite = guard.check(loss, engine)
     # NaN times the real graph: NaN gradients for every parameter in it on this rank, which the gradient
     # reduction spreads to every rank; DeepSpeed's overflow path (or our clearing below) then skips the step.
@@ -230,13 +253,8 @@ def guarded_backward_step(engine, loss: torch.Tensor, guard: NonFiniteGuard, **b
         _step_without_update(engine)
     else:
         engine.step()
-    if skip and engine_skips_nonfinite_grads(engine) and engine.was_step_applied():
-        raise NonFiniteError("DeepSpeed applied an optimizer step although its gradients were not finite; for "
-                             "bf16 set deepspeed config bf16.check_grad_overflow=true, for ZeRO keep "
-                             "zero_optimization.compute_grad_norm=true")
     if boundary:
         guard.end_step()
-    return finite
 
 
 @torch.no_grad()

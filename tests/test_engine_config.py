@@ -37,6 +37,12 @@ def test_user_deepspeed_file_merged_and_checked(tmp_path):
     user.write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read"):
         deepspeed_config(cfg, cfg.stage1, world_size=2)
+    # The non-finite guard trusts DeepSpeed's bf16 overflow check: switching it off is refused.
+    user.write_text(json.dumps({"bf16": {"check_grad_overflow": False}}))
+    bf16 = load_config(None, ["stage1.micro_batch_size=8", "deepspeed.precision=bf16", f"deepspeed.config_file={user}"])
+    with pytest.raises(ConfigError, match="check_grad_overflow"):
+        deepspeed_config(bf16, bf16.stage1, world_size=2)
+    assert deepspeed_config(cfg, cfg.stage1, world_size=2)["bf16"] == {"enabled": False, "check_grad_overflow": False}
 
 
 def test_optimizer_groups_weight_decay_and_layer_decay():

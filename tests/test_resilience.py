@@ -56,7 +56,7 @@ def test_guard_counts_and_gives_up_without_engine():
         NonFiniteGuard(0)
 
 
-def _engine(zero_stage, accum, world_size):
+def _engine(zero_stage, accum, world_size, bf16=False):
     import deepspeed
 
     torch.manual_seed(0)
@@ -64,23 +64,33 @@ def _engine(zero_stage, accum, world_size):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": accum,
               "train_batch_size": 4 * accum * world_size, "zero_allow_untested_optimizer": True,
-              "zero_optimization": {"stage": zero_stage}, "steps_per_print": 1 << 30}
+              "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": bf16}, "steps_per_print": 1 << 30}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     return engine
 
 
 def _params(engine):
-    return {n: p.detach().clone().numpy() for n, p in engine.module.named_parameters()}
+    return {n: p.detach().float().clone().numpy() for n, p in engine.module.named_parameters()}
 
 
 def _guarded_runs(rank, world_size, runs):
     from lacvit_dist.distributed import detect_world, init_distributed
     from lacvit_dist.resilience import NonFiniteError, NonFiniteGuard, guarded_backward_step
 
+    import lacvit_dist.resilience as resilience
+
     init_distributed(detect_world(), "gloo")
+    calls, real_any_rank = [0], resilience.any_rank
+
+    def counting_any_rank(*args, **kwargs):  # the guard's only collective
+        calls[0] += 1
+        return real_any_rank(*args, **kwargs)
+
+    resilience.any_rank = counting_any_rank
     out = []
-    for zero_stage, accum, nan_at, steps, max_consecutive, guarded in runs:
-        engine = _engine(zero_stage, accum, world_size)
+    for zero_stage, accum, nan_at, steps, max_consecutive, guarded, *bf16 in runs:
+        calls[0] = 0
+        engine = _engine(zero_stage, accum, world_size, bool(bf16))
         guard = NonFiniteGuard(max_consecutive)
         history, error = [_params(engine)], None
         try:
@@ -88,7 +98,7 @@ def _guarded_runs(rank, world_size, runs):
                 for micro in range(accum):
                     gen = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
                     x, y = torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)
-                    loss = torch.nn.functional.cross_entropy(engine(x), y)
+                    loss = torch.nn.functional.cross_entropy(engine(x.bfloat16() if bf16 else x).float(), y)
                     if rank == 1 and (step, micro) in nan_at:  # NaN on ONE rank only
                         loss = loss * float("nan")
                     if guarded:
@@ -99,7 +109,7 @@ def _guarded_runs(rank, world_size, runs):
                 history.append(_params(engine))
         except NonFiniteError as exc:
             error = (step, str(exc))
-        out.append({"history": history, "skipped": guard.skipped, "error": error,
+        out.append({"history": history, "skipped": guard.skipped, "error": error, "guard_collectives": calls[0],
                     "global_steps": engine.global_steps, "micro_steps": engine.micro_steps})
     return out
 
@@ -113,6 +123,7 @@ RUNS = {  # zero stage, accumulation, {(step, micro-batch) with NaN on rank 1}, 
     "z0_give_up": (0, 1, {(2, 0), (3, 0), (4, 0)}, 5, 3, True),
     "z2_give_up": (2, 1, {(2, 0), (3, 0)}, 5, 2, True),
     "z0_unguarded": (0, 1, {(2, 0)}, 2, 3, False),  # shows what the guard prevents
+    "bf16_accum_first": (0, 2, {(2, 0)}, 3, 3, True, "bf16"),  # DeepSpeed's bf16 optimizer skips it
 }
 
 
@@ -126,7 +137,8 @@ def _same(a, b):
     return all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name", ["z0", "z2", "z0_accum_first", "z2_accum_first", "z2_accum_last"])
+@pytest.mark.parametrize("name", ["z0", "z2", "z0_accum_first", "z2_accum_first", "z2_accum_last",
+                                  "bf16_accum_first"])
 def test_nan_on_one_rank_skips_the_step_on_both(guarded, name):
     ranks = guarded[name]
     for r in ranks:
@@ -147,6 +159,13 @@ def test_consecutive_non_finite_steps_raise_on_every_rank(guarded, name, at_step
         assert r["error"] is not None, "NonFiniteError was not raised"
         step, message = r["error"]
         assert step == at_step and "in a row" in message
+
+
+def test_guard_adds_no_collective_where_deepspeed_checks_gradients(guarded):
+    """ZeRO (and bf16) engines skip non-finite steps themselves: the guard only reads their flag, so the hot
+    path gets no extra all-reduce; ZeRO-0 fp32 needs the per-micro-batch loss check."""
+    assert all(r["guard_collectives"] == 0 for r in guarded["z2_accum_first"] + guarded["bf16_accum_first"])
+    assert all(r["guard_collectives"] == 3 * 2 for r in guarded["z0_accum_first"])
 
 
 def test_unguarded_zero0_applies_nan(guarded):
