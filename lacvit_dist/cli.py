@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _set_threads(world: dist_utils.WorldInfo) -> None:
+def set_threads(world: dist_utils.WorldInfo) -> None:
     """The deepspeed launcher does not set OMP_NUM_THREADS: share the cores between the local ranks."""
     if "OMP_NUM_THREADS" in os.environ:
         return
@@ -44,7 +44,7 @@ def _set_threads(world: dist_utils.WorldInfo) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
-def _resolve_device(cfg: Config) -> str:
+def resolve_device(cfg: Config) -> str:
     if cfg.run.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.run.device == "cuda" and not torch.cuda.is_available():
@@ -122,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.overrides) + ([f"run.stages=[{','.join(args.stages)}]"] if args.stages else [])
         cfg = load_config(args.config, overrides)
-        device = _resolve_device(cfg)
+        device = resolve_device(cfg)
     except ConfigError as err:
         if world.rank == 0:
             print(f"config error: {err}", file=sys.stderr)
         return 2
-    _set_threads(world)
+    set_threads(world)
     if device == "cuda":
         torch.cuda.set_device(world.local_rank)
     backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if device == "cuda" else "gloo")

@@ -1,4 +1,5 @@
-"""Evaluation figures drawn with PIL only (no matplotlib): confusion matrix, per-class accuracy, 2-D scatter.
+"""Evaluation figures drawn with PIL only (no matplotlib): confusion matrix, per-class accuracy, 2-D scatter,
+mean +- std bars, and a row of figures.
 
 Every figure is returned as a ``numpy.ndarray`` of shape ``[H, W, 3]``, dtype ``uint8`` (RGB), ready for
 ``SummaryWriter.add_image(tag, array, step, dataformats="HWC")`` or for :func:`save_png`. Text uses PIL's
@@ -17,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["confusion_matrix_image", "per_class_bar_image", "scatter_image", "save_png", "class_colors",
+__all__ = ["confusion_matrix_image", "per_class_bar_image", "scatter_image", "mean_std_bar_image", "side_by_side",
+           "save_png", "class_colors",
            "MAX_LABELLED_CLASSES", "MAX_COUNTED_CLASSES", "MAX_LEGEND_CLASSES", "MAX_BAR_LABELS"]
 
 MAX_LABELLED_CLASSES = 30  # confusion matrix: class names on the axes up to this many classes
@@ -323,6 +325,53 @@ def scatter_image(points2d: Any, labels: Any = None, class_names: Sequence[str] 
             draw.rectangle([x0, y + 1, x0 + line - 3, y + line - 2], fill=colours[k])
             _text(draw, (x0 + line + 2, y + line / 2), name, anchor="lm")
     return _finish(_with_title(img, title))
+
+
+def mean_std_bar_image(names: Sequence[str], means: Sequence[float], stds: Sequence[float], *,
+                       title: str | None = None) -> np.ndarray:
+    """Horizontal bar per method: a mean in ``[0, 1]`` with a +-1 std whisker and the value as text (e.g.
+    Top-1 over seeds). Returns ``[H, W, 3]`` uint8."""
+    m, sd = np.asarray(means, dtype=np.float64), np.asarray(stds, dtype=np.float64)
+    if not (len(names) == m.shape[0] == sd.shape[0]) or not len(names):
+        raise ValueError(f"need one mean and one std per name, got {len(names)} names, {m.shape[0]} means, "
+                         f"{sd.shape[0]} stds")
+    line = _line_height()
+    row, plot_w = 2 * line, 300
+    labels = [_short(n, 40) for n in names]
+    left = max(_text_size(n)[0] for n in labels) + 12
+    value_w = _text_size("0.0000 ± 0.0000")[0] + 12
+    top, bottom = line + 4, line + 4 + len(names) * row
+    img = Image.new("RGB", (left + plot_w + value_w, bottom + line + 8), WHITE)
+    draw = ImageDraw.Draw(img)
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = left + tick * plot_w
+        draw.line([(x, top), (x, bottom)], fill=LIGHT_GREY)
+        _text(draw, (x, bottom + 2), f"{tick:g}", fill=GREY, anchor="ma")
+    for k, (name, colour) in enumerate(zip(labels, class_colors(len(names)))):
+        y0, mid = top + k * row, top + k * row + row / 2
+        _text(draw, (left - 6, mid), name, anchor="rm")
+        x1 = left + max(1, round(float(np.clip(m[k], 0, 1)) * plot_w))
+        draw.rectangle([left, y0 + 3, x1, y0 + row - 4], fill=colour)
+        lo, hi = (left + float(np.clip(v, 0, 1)) * plot_w for v in (m[k] - sd[k], m[k] + sd[k]))
+        draw.line([(lo, mid), (hi, mid)], fill=BLACK, width=2)
+        for x in (lo, hi):
+            draw.line([(x, mid - 4), (x, mid + 4)], fill=BLACK, width=2)
+        _text(draw, (left + plot_w + 6, mid), f"{m[k]:.4f} ± {sd[k]:.4f}", anchor="lm")
+    return _finish(_with_title(img, title))
+
+
+def side_by_side(images: Sequence[np.ndarray], gap: int = 12) -> np.ndarray:
+    """``[H, W, 3]`` figures in one row, top-aligned on white. Returns ``[H, W, 3]`` uint8."""
+    if not images:
+        raise ValueError("side_by_side needs at least one image")
+    height = max(im.shape[0] for im in images)
+    width = sum(im.shape[1] for im in images) + gap * (len(images) - 1)
+    out = Image.new("RGB", (width, height), WHITE)
+    x = 0
+    for im in images:
+        out.paste(Image.fromarray(np.ascontiguousarray(im)), (x, 0))
+        x += im.shape[1] + gap
+    return _finish(out)
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:

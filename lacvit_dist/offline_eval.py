@@ -59,7 +59,8 @@ def load_exported(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model.eval(), manifest
 
 
-def _pca_2d(x: torch.Tensor) -> torch.Tensor:
+def pca_2d(x: torch.Tensor) -> torch.Tensor:
+    """The rows of x projected on their first two principal components (for 2-D plots)."""
     x = x - x.mean(0, keepdim=True)
     _, _, v = torch.pca_lowrank(x, q=2, center=False)
     return x @ v[:, :2]
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.split}: top1 {cls['top1']:.4f}  top5 {cls['top5']:.4f}  loss {cls['loss']:.4f}  "
                   f"({cls['samples']} samples)")
         if "embeddings" in results:
-            points = _pca_2d(embeddings["backbone"]).cpu()
+            points = pca_2d(embeddings["backbone"]).cpu()
             save_png(scatter_image(points, embeddings["labels"].cpu(), info.class_names,
                                    title=f"{args.split} embeddings (PCA)"), out / "embeddings_pca.png")
             emb = results["embeddings"]

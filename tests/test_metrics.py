@@ -293,3 +293,16 @@ def test_per_class_bar_and_scatter_images(tmp_path):
     with pytest.raises(ValueError):
         figures.save_png(scatter.astype(np.float32), tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_mean_std_bars_are_proportional_and_figures_join_side_by_side():
+    bars = figures.mean_std_bar_image(["CE", "LaCViT"], [0.25, 0.75], [0.01, 0.05], title="Top-1")
+    check_image(bars)
+    pixels = bars.reshape(-1, 3)
+    areas = [int((pixels == np.array(colour, dtype=np.uint8)).all(1).sum()) for colour in figures.class_colors(2)]
+    assert areas[0] > 0 and abs(areas[1] / areas[0] - 3.0) < 0.1  # bar length follows the mean
+    with pytest.raises(ValueError):
+        figures.mean_std_bar_image(["one"], [0.5, 0.6], [0.0, 0.0])
+    row = figures.side_by_side([bars, np.zeros((10, 7, 3), np.uint8)], gap=5)
+    assert row.shape == (bars.shape[0], bars.shape[1] + 5 + 7, 3)
+    assert np.array_equal(row[:, : bars.shape[1]], bars) and (row[:10, -7:] == 0).all()
