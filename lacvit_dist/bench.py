@@ -2,7 +2,7 @@
 
 One step = 2 views per image through the backbone and projection head, the gathered label-aware contrastive
 loss, backward and the optimizer step, all through the DeepSpeed engine that train.py builds
-(engine.build_optimizer / deepspeed_config, tasks.Stage1Contrastive.train_step with a NonFiniteGuard).
+(engine.build_optimizer / initialize_engine, tasks.Stage1Contrastive.train_step with a NonFiniteGuard).
 Reports images/s and views/s (global), peak memory (torch.cuda.max_memory_allocated on GPU, peak RSS on CPU),
 FLOPs per step COUNTED with torch.utils.flop_counter.FlopCounterMode over one real step, MFU on GPU (counted
 FLOPs / step time / peak FLOPs of the device), and, in a 1-process run, the ratio of our step time to a bare
@@ -163,11 +163,10 @@ def _time_interleaved(ours, bare, n_steps: int, device: torch.device, show: bool
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import deepspeed
 
     from . import distributed as D
     from .config import load_config
-    from .engine import _model_dtype, build_optimizer, deepspeed_config
+    from .engine import _model_dtype, build_optimizer, initialize_engine
     from .models import image_stats
     from .resilience import NonFiniteGuard
     from .tasks import Stage1Contrastive
@@ -202,8 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     task = Stage1Contrastive(cfg, num_classes=classes)
     params = sum(p.numel() for p in task.model.parameters())
     optimizer, scheduler = build_optimizer(task.model, stage, total_steps)
-    engine, *_ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=deepspeed_config(cfg, stage, world_size), dist_init_required=False)
+    engine = initialize_engine(cfg, stage, task.model, optimizer, scheduler, world_size)
     device, dtype = engine.device, _model_dtype(engine)
     img = image_stats(task.backbone).img_size
     batches = _synthetic(micro, accum, img, classes, device, dtype, seed=1000 + rank)

@@ -122,6 +122,10 @@ class DeepSpeedConfig:
     # A DeepSpeed JSON config merged over the one generated from this file (e.g. ZeRO bucket sizes,
     # offload, activation checkpointing of DeepSpeed's own); batch sizes must agree with the stage's.
     config_file: str | None = None
+    # torch.compile of the model through DeepSpeed's engine.compile. Backend "inductor" (generated kernels)
+    # for GPUs; "aot_eager" captures forward and backward graphs without generating code (a cheap check).
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 @dataclass

@@ -98,6 +98,16 @@ def build_optimizer(model: torch.nn.Module, stage: StageConfig, total_steps: int
     return optimizer, LambdaLR(optimizer, lr_factor)
 
 
+def initialize_engine(cfg: Config, stage: StageConfig, model: torch.nn.Module, optimizer, scheduler,
+                      world_size: int):
+    """The DeepSpeed engine around `model`, compiled with torch.compile if deepspeed.compile is set."""
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, stage, world_size), dist_init_required=False)
+    if cfg.deepspeed.compile:
+        engine.compile(backend=cfg.deepspeed.compile_backend)  # in place: state-dict keys are unchanged
+    return engine
+
+
 def _model_dtype(engine) -> torch.dtype:
     if engine.bfloat16_enabled():
         return torch.bfloat16
@@ -125,8 +135,7 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     global_batch = stage.micro_batch_size * stage.grad_accum_steps * world
 
     optimizer, scheduler = build_optimizer(task.model, stage, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, stage, world), dist_init_required=False)
+    engine = initialize_engine(cfg, stage, task.model, optimizer, scheduler, world)
     device, dtype = engine.device, _model_dtype(engine)
     trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     terms = task.contrast_terms(stage.micro_batch_size, stage.grad_accum_steps, world)
