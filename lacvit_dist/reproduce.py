@@ -50,7 +50,9 @@ from .tb import log, setup_console
 REPO = Path(__file__).resolve().parent.parent
 METHODS = {"ce": ["baseline"], "lacvit": ["stage1", "stage2"]}
 TITLES = {"ce": "CE full fine-tuning", "lacvit": "LaCViT (stage 1 + stage 2)"}
-DEFAULT_GRID = ["baseline.optimizer.lr=0.001,0.003", "stage1.optimizer.lr=0.001,0.003"]
+# Four candidates per method: CE's one learning rate against LaCViT's two stages' learning rates.
+DEFAULT_GRID = ["baseline.optimizer.lr=0.0003,0.001,0.003,0.01", "stage1.optimizer.lr=0.001,0.003",
+                "stage2.optimizer.lr=0.1,1.0"]
 HEALTH_KEYS = ("knn_top1", "mean_cosine", "isotropy", "effective_rank", "alignment", "uniformity")
 
 
@@ -115,7 +117,6 @@ class Experiment:
     source: DatasetInfo
     target: DatasetInfo
     epochs: dict[str, int]
-    workers: int
     runs: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -160,8 +161,10 @@ class Experiment:
         transform, target = evaluation(image_stats(model)), self.target
 
         def loader(split: str):
+            # In-process decoding: loaders created back to back here fork while the previous one's queue
+            # threads are still exiting, which deadlocked a worker at fork on Python 3.11 (seen once).
             return eval_loader(target.split(split), target.num_classes, transform, 128, rank=dist_utils.rank(),
-                               world_size=dist_utils.world_size(), num_workers=self.workers)
+                               world_size=dist_utils.world_size(), num_workers=0)
 
         def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
             return {"backbone": model.forward_head(model.forward_features(images), pre_logits=True)}
@@ -205,7 +208,7 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     # stage 2 is much cheaper, so this favours the baseline if anything).
     epochs["baseline"] = epochs["stage1"] + epochs["stage2"]
     grid = parse_grid(args.grid or DEFAULT_GRID)
-    exp = Experiment(args, source, target, epochs, base.data.num_workers)
+    exp = Experiment(args, source, target, epochs)
     pretrained, pretrain_results = exp.pretrain()
 
     first, *others = args.seeds
