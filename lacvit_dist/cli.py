@@ -54,7 +54,7 @@ def resolve_device(cfg: Config) -> str:
 
 def run(cfg: Config) -> dict[str, dict[str, Any]]:
     """Run cfg.run.stages in order inside an initialised process group; returns results per stage."""
-    info = load_info(cfg.data.root)
+    info = load_info(cfg.data.root, allow_pipe_urls=cfg.data.allow_pipe_urls)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if dist_utils.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

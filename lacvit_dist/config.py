@@ -70,6 +70,17 @@ class DataConfig:
     # Training: skip undecodable images, missing/bad labels and unreadable tars, count them per kind and log
     # the counts; "error" stops at the first one, naming shard and key. Evaluation is always strict.
     on_bad_sample: Literal["skip", "error"] = "skip"
+    # "resampled": every rank x worker draws shards with replacement forever; an epoch is steps_per_epoch
+    # steps. "finite": each epoch reshuffles the shards (seed + epoch) and deals them to ranks, then workers, so
+    # it sees every sample at most once (exactly once with even shards); steps per epoch follow from the shard
+    # lengths (needs at least ranks x workers train shards; steps_per_epoch must stay null).
+    epoch_mode: Literal["resampled", "finite"] = "resampled"
+    # Stage 1: every class in a micro batch (hence in the global batch) appears at least m + 1 times, so every
+    # anchor has at least m same-class partners besides its own second view; 0 = off. stage1.micro_batch_size
+    # must be a multiple of m + 1.
+    class_aware_m: int = 0
+    # Shard names in _info.json starting with "pipe:" are shell commands to webdataset: refused unless true.
+    allow_pipe_urls: bool = False
 
 
 @dataclass
@@ -320,6 +331,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {cfg.data.crop_scale_min}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.epoch_mode == "finite":
+        for name in cfg.run.stages:
+            if cfg.stage(name).steps_per_epoch is not None:
+                raise ConfigError(f"{name}.steps_per_epoch: must be null with data.epoch_mode=finite (the shards "
+                                  f"define the epoch), got {cfg.stage(name).steps_per_epoch}")
+    if cfg.data.class_aware_m < 0:
+        raise ConfigError(f"data.class_aware_m: must be >= 0, got {cfg.data.class_aware_m}")
+    if cfg.stage1.micro_batch_size % (cfg.data.class_aware_m + 1):
+        raise ConfigError(f"data.class_aware_m: stage1.micro_batch_size {cfg.stage1.micro_batch_size} must be a "
+                          f"multiple of class_aware_m + 1 = {cfg.data.class_aware_m + 1} (batches are built from "
+                          f"same-class groups of that size)")
     if cfg.deepspeed.precision == "fp16" and cfg.run.device == "cpu":
         raise ConfigError("deepspeed.precision: fp16 is not supported by DeepSpeed on CPU; use fp32 or bf16")
 

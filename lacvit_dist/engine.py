@@ -20,7 +20,7 @@ from . import distributed as dist_utils
 from .checkpoint import (find_latest_everywhere, gather_rng_states, load_training_checkpoint, save_state_dict,
                          save_training_checkpoint, set_rng_state, tag_for_step, write_json)
 from .config import Config, ConfigError, StageConfig, deep_merge, check_batch_arithmetic, to_dict
-from .data.pipeline import BAD_SAMPLE_KINDS, eval_loader, train_loader
+from .data.pipeline import BAD_SAMPLE_KINDS, eval_loader, finite_epoch_plan, train_loader
 from .data.shards import DatasetInfo
 from .data.transforms import evaluation
 from .evaluation import evaluate_classifier, evaluate_embeddings, lockstep
@@ -131,6 +131,11 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     rank = dist_utils.rank()
     train_split = info.split(cfg.data.train_split)
     steps_per_epoch = check_batch_arithmetic(task.name, stage, world, train_split.num_samples)
+    class_aware_m = cfg.data.class_aware_m if task.name == "stage1" else 0  # partners matter to the contrast only
+    if cfg.data.epoch_mode == "finite":  # the shards define the epoch: the batches every rank gets from them
+        steps_per_epoch = finite_epoch_plan(
+            train_split, world, cfg.data.num_workers, stage.micro_batch_size, accumulation=stage.grad_accum_steps,
+            group_size=class_aware_m + 1, num_classes=info.num_classes).batches_per_rank // stage.grad_accum_steps
     total_steps = steps_per_epoch * stage.epochs
     global_batch = stage.micro_batch_size * stage.grad_accum_steps * world
 
@@ -154,7 +159,8 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     guard = NonFiniteGuard(cfg.run.max_nonfinite_steps)
     data_position = {"world_size": world, "num_workers": cfg.data.num_workers, "seed": cfg.run.seed,
                      "micro_batch_size": stage.micro_batch_size, "grad_accum_steps": stage.grad_accum_steps,
-                     "shuffle_buffer": cfg.data.shuffle_buffer, "shards": [Path(f).name for f in train_split.filenames]}
+                     "shuffle_buffer": cfg.data.shuffle_buffer, "shards": [Path(f).name for f in train_split.filenames],
+                     "epoch_mode": cfg.data.epoch_mode, "class_aware_m": class_aware_m}
     step, history, elapsed_before, bad_before = 0, [], 0.0, dict.fromkeys(BAD_SAMPLE_KINDS, 0)
     tag = find_latest_everywhere(ckpt_dir)
     if tag is not None:
@@ -178,7 +184,9 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     batches = train_loader(train_split, info.num_classes, task.train_transform(), stage.micro_batch_size,
                            seed=cfg.run.seed, num_workers=cfg.data.num_workers,
                            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=step * stage.grad_accum_steps,
-                           skip_bad_samples=cfg.data.on_bad_sample == "skip")
+                           skip_bad_samples=cfg.data.on_bad_sample == "skip", epoch_mode=cfg.data.epoch_mode,
+                           class_aware_m=class_aware_m, accumulation=stage.grad_accum_steps, rank=rank,
+                           world_size=world)
     bad_per_stream: dict[int, dict[str, int]] = {}  # latest tally of each data stream since this (re)start
     tb = TensorBoard(stage_dir / "tb" if rank == 0 and cfg.logging.tensorboard else None, task.name)
     evaluate = _Evaluator(cfg, task, engine, info, tb)
@@ -280,9 +288,13 @@ class StopRequested(Exception):
     """A signal asked the job to stop; every rank saved a checkpoint at `step`. Exit for a requeue."""
 
 
+_DATA_POSITION_DEFAULTS = {"epoch_mode": "resampled", "class_aware_m": 0}
+
+
 def _check_resumable(state: dict[str, Any], data_position: dict[str, Any], where: Path) -> None:
     """A checkpoint resumes only a run that would consume the same data stream in the same way."""
-    saved = state.get("data", {})
+    # Checkpoints from before a key existed were written with its default.
+    saved = {**_DATA_POSITION_DEFAULTS, **state.get("data", {})}
     changed = {k: (saved.get(k), v) for k, v in data_position.items() if saved.get(k) != v}
     if changed:
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())

@@ -384,6 +384,25 @@ def test_load_info_missing_shard(toy_root):
         load_info(toy_root)
 
 
+def test_pipe_urls_refused_unless_allowed(toy_root, tmp_path):
+    """A pipe: shard name is a shell command to webdataset: refused (naming split and shard) by default; with
+    allow_pipe_urls it is kept verbatim and webdataset really runs it when the shard is read."""
+    marker = tmp_path / "shell_ran"
+    url = f"pipe:touch {marker} && cat {toy_root.resolve() / 'train-000001.tar'}"
+    edit_info(toy_root, lambda raw: raw["splits"]["train"]["filenames"].__setitem__(1, url))
+    with pytest.raises(DatasetInfoError, match=r"split 'train' lists shard 'pipe:touch .*allow_pipe_urls=true"):
+        load_info(toy_root)
+    info = load_info(toy_root, allow_pipe_urls=True)
+    assert info.split("train").filenames[1] == url and not marker.exists()  # loading the info runs nothing
+    keys = [s["__key__"] for s in read_shards(list(info.split("train").filenames))]
+    assert keys == [f"train_{n:07d}" for n in range(5)] and marker.exists()
+
+
+def test_pipe_root_refused(tmp_path):
+    with pytest.raises(DatasetInfoError, match=r"data root 'pipe:cat x' is a webdataset pipe: URL"):
+        load_info("pipe:cat x")
+
+
 def test_unknown_split_names_root_and_splits(toy_root):
     with pytest.raises(SplitNotFoundError, match=r"no split 'test'.*\['train', 'val'\]") as err:
         load_info(toy_root).split("test")

@@ -1,25 +1,42 @@
-"""WebDataset pipelines: an endless, resampled training stream per rank and worker, and an evaluation pass
+"""WebDataset pipelines: the training stream of each rank (endless, exactly resumable) and an evaluation pass
 that gives every sample of a split to exactly one rank.
 
-Training is "resampled" (webdataset.ResampledShards): each rank x worker draws shards with replacement from
-a seed derived from (run seed, rank, worker), so every rank yields batches forever and the trainer defines an
-epoch as a number of optimizer steps. No rank runs dry, so no collective can hang at the end of an epoch.
+Training has two epoch modes (data.epoch_mode):
+
+- "resampled" (webdataset.ResampledShards): each rank x worker draws shards with replacement from a seed
+  derived from (run seed, rank, worker); the trainer defines an epoch as a number of optimizer steps.
+- "finite": each epoch shuffles the shard list with (seed, epoch), identically on every rank, and deals it to
+  the ranks, then to each rank's workers; a stream reads its shards once per epoch, so an epoch sees every
+  sample at most once (exactly once with even shards). Every stream yields the same number of batches per
+  epoch (:func:`finite_epoch_plan`, from `_info.json`'s shard lengths), so no rank runs dry before another
+  and no collective hangs; epochs follow each other seamlessly in one endless stream.
+
+Both modes can mix batches class-aware (every class in a batch appears at least m + 1 times) and resume after
+`start_batch` batches exactly as the uninterrupted stream goes on: same samples, same augmentations.
 """
 from __future__ import annotations
 
 import functools
+import io
 import itertools
+import logging
+import math
 import random
 import warnings
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, Literal, NamedTuple
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, get_worker_info
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 from .shards import SplitInfo
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+EPOCH_MODES = ("resampled", "finite")
+EpochMode = Literal["resampled", "finite"]
+
+log = logging.getLogger(__name__)
 
 
 class BadSampleError(ValueError):
@@ -33,11 +50,32 @@ class BadSampleError(ValueError):
 BAD_SAMPLE_KINDS = ("no_image", "undecodable_image", "bad_label", "label_out_of_range", "unreadable_tar")
 
 
+class FiniteEpochError(ValueError):
+    """The shards cannot be dealt to every rank x worker stream of a finite epoch."""
+
+
 def _where(sample: dict) -> str:
     return f"shard {sample.get('__url__', '?')}, key {sample.get('__key__', '?')}"
 
 
-_DECODE = wds.autodecode.Decoder([wds.autodecode.imagehandler("pilrgb")])
+def _decode_rgb(data: bytes) -> Image.Image:
+    """Encoded image -> RGB PIL image, the pixels webdataset's "pilrgb" decoder gives, without its handler
+    chain and second full-image copy (it converts twice): a third of the decoding time of a small PNG."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def _label(sample: dict, num_classes: int) -> int:
+    """The sample's integer label from its 'cls' member, checked against the number of classes."""
+    raw = sample.get("cls")
+    try:
+        label = int(raw.decode() if isinstance(raw, bytes) else raw)
+    except (TypeError, ValueError):
+        raise BadSampleError("bad_label", f"{_where(sample)}: label 'cls' is missing or not an integer: "
+                                          f"{raw!r}") from None
+    if not 0 <= label < num_classes:
+        raise BadSampleError("label_out_of_range", f"{_where(sample)}: label {label} outside [0, {num_classes})")
+    return label
 
 
 def _to_example(sample: dict, num_classes: int, transform: Callable) -> tuple:
@@ -47,17 +85,10 @@ def _to_example(sample: dict, num_classes: int, transform: Callable) -> tuple:
         raise BadSampleError("no_image", f"{_where(sample)}: no image (expected one of {IMAGE_KEYS}), "
                                          f"has {sorted(sample)}")
     try:
-        image = _DECODE({"__key__": sample["__key__"], image_key: sample[image_key]})[image_key]
+        image = _decode_rgb(sample[image_key])
     except Exception as err:  # PIL raises several types for corrupt data
         raise BadSampleError("undecodable_image", f"{_where(sample)}: cannot decode {image_key} image: {err}") from err
-    raw = sample.get("cls")
-    try:
-        label = int(raw.decode() if isinstance(raw, bytes) else raw)
-    except (TypeError, ValueError):
-        raise BadSampleError("bad_label", f"{_where(sample)}: label 'cls' is missing or not an integer: "
-                                          f"{raw!r}") from None
-    if not 0 <= label < num_classes:
-        raise BadSampleError("label_out_of_range", f"{_where(sample)}: label {label} outside [0, {num_classes})")
+    label = _label(sample, num_classes)
     return transform(image), label, sample["__key__"]
 
 
@@ -76,24 +107,18 @@ class BadSamples:
             self.warned += 1
             warnings.warn(f"skipped bad sample ({kind}): {message}")
 
+    def handle(self, err: BadSampleError) -> None:
+        """Count and go on, or (strict) raise it."""
+        if not self.skip:
+            raise err
+        self.skipped(err.kind, str(err))
+
     def tar_error(self, exn: Exception) -> bool:
         """webdataset handler for tar-level errors (truncated or corrupt tar): count and go on, or raise."""
         if not self.skip:
             raise BadSampleError("unreadable_tar", f"cannot read shard: {exn!r}") from exn
         self.skipped("unreadable_tar", repr(exn))
         return True
-
-
-def _examples(items: Iterator[tuple[int, dict]], role: _StreamRole, num_classes: int, transform: Callable,
-              bad: BadSamples) -> Iterator[tuple]:
-    stream_seed = role.stream_seed()  # resolved inside the worker, once per stream
-    for item in items:
-        try:
-            yield _augment(item, stream_seed, num_classes, transform)
-        except BadSampleError as err:
-            if not bad.skip:
-                raise
-            bad.skipped(err.kind, str(err))
 
 
 class Batch(NamedTuple):
@@ -103,15 +128,14 @@ class Batch(NamedTuple):
     bad_samples: tuple[int, dict[str, int]]  # (stream role, that stream's skipped-sample counts so far)
 
 
-def _with_tally(batch: tuple, role: _StreamRole, bad: BadSamples) -> Batch:
-    return Batch(*batch, bad_samples=(role.resolve()[1], dict(bad.counts)))
-
-
 def _collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     images, labels, keys = zip(*samples)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys)
+    # default_collate stacks straight into shared memory inside a DataLoader worker, sparing a copy of the
+    # whole batch on its way to the trainer (77 MB for 64 images of two 224 px views).
+    return default_collate(images), torch.tensor(labels, dtype=torch.long), list(keys)
 
 
+# ---------------------------------------------------------------------------------------------- stream roles
 class _StreamRole:
     """Which of the rank's `workers` streams this DataLoader worker produces.
 
@@ -120,54 +144,238 @@ class _StreamRole:
     restart comes from the stream whose turn it was; each role skips the batches it had already produced.
     """
 
-    def __init__(self, seed: int, start_batch: int):
-        self.seed, self.start_batch = seed, start_batch
+    def __init__(self, seed: int, start_batch: int, rank: int):
+        self.seed, self.start_batch, self.rank = seed, start_batch, rank
 
     def resolve(self) -> tuple[int, int, int]:
-        """(rank, role, batches this role already produced)."""
-        rank, _, worker, workers = wds.utils.pytorch_worker_info()
+        """(role, batches this role already produced, number of roles) of the calling worker."""
+        _, _, worker, workers = wds.utils.pytorch_worker_info()
         role = (worker + self.start_batch) % workers
         done = (self.start_batch - role + workers - 1) // workers if self.start_batch > role else 0
-        return rank, role, done
+        return role, done, workers
 
     def stream_seed(self) -> int:
-        rank, role, _ = self.resolve()
-        return wds.utils.make_seed(self.seed, rank, role)
+        return wds.utils.make_seed(self.seed, self.rank, self.resolve()[0])
 
 
-def _resume_stream(samples: Iterator[dict], role: _StreamRole, bufsize: int,
-                   batch_size: int) -> Iterator[tuple[int, dict]]:
-    """Shuffle (seeded per rank x role), skip what an interrupted run consumed, and number the samples."""
-    rank, _, done = role.resolve()
-    if bufsize > 1:
-        rng = random.Random(wds.utils.make_seed(role.stream_seed(), 1))
-        samples = wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(samples)
-    # Skipped samples are never decoded: resuming costs reading tar bytes, not decoding images.
-    yield from itertools.islice(enumerate(samples), done * batch_size, None)
+def _with_tally(batch: tuple, role: _StreamRole, bad: BadSamples) -> Batch:
+    return Batch(*batch, bad_samples=(role.resolve()[0], dict(bad.counts)))
 
 
-def _augment(item: tuple[int, dict], stream_seed: int, num_classes: int, transform: Callable) -> tuple:
+# ------------------------------------------------------------------------------- units, positions, augmentation
+def _shuffled(samples: Iterable[dict], seed: int, bufsize: int) -> Iterator[dict]:
+    if bufsize <= 1:
+        return iter(samples)
+    rng = random.Random(wds.utils.make_seed(seed, 1))
+    return wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(iter(samples))
+
+
+def _units(samples: Iterable[dict], group_size: int, num_classes: int, bad: BadSamples) -> Iterator[list[dict]]:
+    """Samples as units of training: one sample each, or (class-aware mixing, group_size = m + 1) groups of
+    group_size samples of one class, each emitted as soon as its class has that many waiting. A batch of
+    whole groups has every class it holds at least m + 1 times; the wait holds at most m samples per class."""
+    if group_size == 1:
+        yield from ([sample] for sample in samples)
+        return
+    waiting: dict[int, list[dict]] = {}
+    for sample in samples:
+        try:
+            label = _label(sample, num_classes)  # the 'cls' member only: grouping decodes no image
+        except BadSampleError as err:
+            bad.handle(err)
+            continue
+        group = waiting.setdefault(label, [])
+        group.append(sample)
+        if len(group) == group_size:
+            yield waiting.pop(label)
+
+
+def _numbered(units: Iterable[list[dict]], group_size: int, skip_units: int) -> Iterator[tuple[int, list[dict]]]:
+    """(position of the unit's first sample in the stream, unit), after skipping what a resumed run consumed.
+    Skipped units are never decoded: resuming costs reading tar bytes, not decoding images."""
+    numbered = ((n * group_size, unit) for n, unit in enumerate(units))
+    return itertools.islice(numbered, skip_units, None)
+
+
+def _augment(index: int, sample: dict, stream_seed: int, num_classes: int, transform: Callable) -> tuple:
     """Decode and transform with an RNG seeded by the sample's position in the stream, so that an image
     gets the same augmentation whether or not the run was interrupted before it."""
-    index, sample = item
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(wds.utils.make_seed(stream_seed, 2, index))
+        # The CPU generator (the transforms' only one): torch.manual_seed also queues seeding of every
+        # accelerator, formatting a stack trace each time, which cost a quarter of the loader's time.
+        torch.default_generator.manual_seed(wds.utils.make_seed(stream_seed, 2, index))
         return _to_example(sample, num_classes, transform)
 
 
+def _examples(units: Iterable[tuple[int, list[dict]]], stream_seed: int, num_classes: int, transform: Callable,
+              bad: BadSamples) -> Iterator[tuple]:
+    """Augmented examples of each unit; a unit with a bad sample is dropped whole (a class-aware group must
+    not shrink below m + 1)."""
+    for index, unit in units:
+        try:
+            examples = [_augment(index + i, sample, stream_seed, num_classes, transform)
+                        for i, sample in enumerate(unit)]
+        except BadSampleError as err:
+            bad.handle(err)
+            continue
+        yield from examples
+
+
+class _StreamSpec(NamedTuple):
+    """What every stream of a rank shares (picklable: it travels to the DataLoader workers)."""
+
+    filenames: tuple[str, ...]
+    num_classes: int
+    transform: Callable
+    batch_size: int
+    group_size: int
+    shuffle_buffer: int
+    seed: int
+    rank: int
+    world_size: int
+
+
+# ------------------------------------------------------------------------------------------- resampled mode
+def _resampled_stream(samples: Iterator[dict], spec: _StreamSpec, role: _StreamRole,
+                      bad: BadSamples) -> Iterator[tuple]:
+    """Examples of one endless resampled stream (shuffled per rank x role), from where a resumed run stops."""
+    _, done, _ = role.resolve()
+    stream_seed = role.stream_seed()  # resolved inside the worker, once per stream
+    units = _units(_shuffled(samples, stream_seed, spec.shuffle_buffer), spec.group_size, spec.num_classes, bad)
+    numbered = _numbered(units, spec.group_size, done * spec.batch_size // spec.group_size)
+    yield from _examples(numbered, stream_seed, spec.num_classes, spec.transform, bad)
+
+
+# ---------------------------------------------------------------------------------------------- finite mode
+class FiniteEpochPlan(NamedTuple):
+    """How a finite epoch is cut: the same number of batches on every rank, whatever the shard lengths."""
+
+    batches_per_stream: int  # per rank x worker stream and epoch
+    batches_per_rank: int  # per epoch: streams of the rank x batches_per_stream
+    unused_samples: int  # per epoch, over all ranks: what the equal cut leaves out
+
+
+def finite_epoch_plan(split: SplitInfo, world_size: int, num_workers: int, batch_size: int, *,
+                      accumulation: int = 1, group_size: int = 1, num_classes: int = 0) -> FiniteEpochPlan:
+    """Batches per epoch that every rank x worker stream is sure to fill in any epoch's shard deal, from the
+    shard lengths alone: each stream gets at least shards // streams shards, at worst the smallest ones (less
+    what class-aware grouping may leave waiting: m per class). Rounded so that each rank's epoch is a whole
+    number of optimizer steps of `accumulation` batches."""
+    if group_size > 1 and num_classes < 1:
+        raise ValueError("class-aware grouping leaves up to group_size - 1 samples per class waiting: pass num_classes")
+    workers = max(1, num_workers)
+    streams = world_size * workers
+    shards = len(split.filenames)
+    if shards < streams:
+        raise FiniteEpochError(
+            f"data.epoch_mode=finite: split {split.name!r} has {shards} shards, fewer than {world_size} ranks x "
+            f"{workers} data workers = {streams} streams, and each stream reads whole shards of its own. Re-shard "
+            f"it with smaller shards (lacvit-make-shards --samples-per-shard), lower data.num_workers, or use "
+            f"data.epoch_mode=resampled")
+    guaranteed = sum(sorted(split.shard_lengths)[:shards // streams]) - num_classes * (group_size - 1)
+    whole_steps = accumulation // math.gcd(accumulation, workers)  # batches_per_stream must be a multiple
+    per_stream = max(0, guaranteed) // batch_size // whole_steps * whole_steps
+    if per_stream < 1:
+        raise FiniteEpochError(
+            f"data.epoch_mode=finite: split {split.name!r} ({shards} shards, {split.num_samples} samples) "
+            f"guarantees each of {world_size} ranks x {workers} data workers only {max(0, guaranteed)} usable "
+            f"samples per epoch, less than {whole_steps} micro batch(es) of {batch_size}; use fewer ranks or "
+            f"workers, smaller batches, or data.epoch_mode=resampled")
+    return FiniteEpochPlan(per_stream, per_stream * workers, split.num_samples - per_stream * batch_size * streams)
+
+
+def _epoch_shards(filenames: tuple[str, ...], seed: int, epoch: int, rank: int, world_size: int, role: int,
+                  workers: int) -> list[str]:
+    """The shards of one stream in one epoch: the whole list shuffled with (seed, epoch), the same on every
+    rank, then dealt to ranks, then to the rank's workers (as split_by_node + split_by_worker do, but by
+    worker role, which a resume rotates, and by explicit rank)."""
+    order = list(filenames)
+    random.Random(wds.utils.make_seed(seed, epoch)).shuffle(order)
+    return order[rank::world_size][role::workers]
+
+
+def _read_passes(shards: list[str], epoch_seed: int, bufsize: int, bad: BadSamples,
+                 where: str) -> Iterator[dict]:
+    """The epoch's shuffled samples, then (only if pulled: bad samples left the stream short of its planned
+    batches) one more pass, so that every rank still yields the same number of batches."""
+    for fill_pass in range(2):
+        if fill_pass:
+            warnings.warn(f"{where}: bad samples left too few good ones for the epoch's batches; reading its "
+                          f"shards a second time to fill them (some samples are seen twice this epoch)")
+        raw = wds.tarfile_to_samples(handler=bad.tar_error)(iter([{"url": url} for url in shards]))
+        yield from _shuffled(raw, wds.utils.make_seed(epoch_seed, fill_pass), bufsize)
+
+
+def _finite_stream(spec: _StreamSpec, plan: FiniteEpochPlan, role: _StreamRole,
+                   bad: BadSamples) -> Iterator[tuple]:
+    """Examples of one stream, epoch after epoch, batches_per_stream batches each; a resumed run starts in the
+    epoch and at the position where the interrupted one stopped, reading nothing of earlier epochs."""
+    role_id, done, workers = role.resolve()
+    epoch, skip_batches = divmod(done, plan.batches_per_stream)
+    for epoch in itertools.count(epoch):
+        where = f"epoch {epoch}, rank {spec.rank}, stream {role_id}"
+        epoch_seed = wds.utils.make_seed(role.stream_seed(), epoch)
+        shards = _epoch_shards(spec.filenames, spec.seed, epoch, spec.rank, spec.world_size, role_id, workers)
+        units = _units(_read_passes(shards, epoch_seed, spec.shuffle_buffer, bad, where), spec.group_size,
+                       spec.num_classes, bad)
+        numbered = _numbered(units, spec.group_size, skip_batches * spec.batch_size // spec.group_size)
+        wanted = (plan.batches_per_stream - skip_batches) * spec.batch_size
+        produced = 0
+        for example in itertools.islice(_examples(numbered, epoch_seed, spec.num_classes, spec.transform, bad),
+                                        wanted):
+            produced += 1
+            yield example
+        if produced < wanted:  # only when more than half of the stream's samples were bad
+            raise FiniteEpochError(f"{where}: {produced} of {wanted} samples after two passes over its shards "
+                                   f"{shards}: too many bad samples")
+        skip_batches = 0
+
+
+def _log_plan(split: SplitInfo, plan: FiniteEpochPlan, world_size: int, batch_size: int) -> None:
+    log.info("finite epochs of split %r: %d batches of %d per rank (%d ranks)%s", split.name,
+             plan.batches_per_rank, batch_size, world_size,
+             f"; {plan.unused_samples} of {split.num_samples} samples per epoch fall off the equal cut"
+             if plan.unused_samples else "")
+
+
+# ------------------------------------------------------------------------------------------------ the loader
 def train_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_size: int, *, seed: int,
-                 num_workers: int, shuffle_buffer: int, start_batch: int = 0,
-                 skip_bad_samples: bool = True) -> Iterator[Batch]:
-    """Endless stream of full batches for this rank, deterministic in (seed, rank, num_workers); `start_batch`
-    resumes it after that many batches exactly as an uninterrupted run goes on. Bad samples are skipped and
-    counted (or raise, naming shard and key, with skip_bad_samples=False)."""
-    role = _StreamRole(seed, start_batch)
+                 num_workers: int, shuffle_buffer: int, start_batch: int = 0, skip_bad_samples: bool = True,
+                 epoch_mode: EpochMode = "resampled", class_aware_m: int = 0, accumulation: int = 1,
+                 rank: int | None = None, world_size: int | None = None) -> Iterator[Batch]:
+    """Endless stream of full batches for this rank, deterministic in (seed, rank, world_size, num_workers);
+    `start_batch` resumes it after that many batches exactly as an uninterrupted run goes on. Bad samples are
+    skipped and counted (or raise, naming shard and key, with skip_bad_samples=False).
+
+    epoch_mode "finite": epochs of finite_epoch_plan(...).batches_per_rank batches, a whole number of
+    `accumulation`-batch optimizer steps. class_aware_m > 0: every class in a batch appears at least
+    class_aware_m + 1 times (batch_size must be a multiple of that). rank / world_size: default from the
+    environment (RANK / WORLD_SIZE or the initialised process group).
+    """
+    if epoch_mode not in EPOCH_MODES:
+        raise ValueError(f"epoch_mode must be one of {EPOCH_MODES}, got {epoch_mode!r}")
+    group_size = class_aware_m + 1
+    if class_aware_m < 0 or batch_size % group_size:
+        raise ValueError(f"class-aware mixing needs a batch size ({batch_size}) that is a multiple of "
+                         f"class_aware_m + 1 ({group_size}), with class_aware_m >= 0")
+    env_rank, env_world, _, _ = wds.utils.pytorch_worker_info()
+    rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
+    spec = _StreamSpec(tuple(split.filenames), num_classes, transform, batch_size, group_size, shuffle_buffer,
+                       seed, rank, world_size)
+    role = _StreamRole(seed, start_batch, rank)
     bad = BadSamples(skip_bad_samples)
+    if epoch_mode == "finite":
+        plan = finite_epoch_plan(split, world_size, num_workers, batch_size, accumulation=accumulation,
+                                 group_size=group_size, num_classes=num_classes)
+        _log_plan(split, plan, world_size, batch_size)
+        stages = [functools.partial(_finite_stream, spec, plan, role, bad)]
+    else:
+        stages = [wds.ResampledShards(list(split.filenames), seed=seed, deterministic=True,
+                                      worker_seed=role.stream_seed),
+                  wds.tarfile_to_samples(handler=bad.tar_error),
+                  functools.partial(_resampled_stream, spec=spec, role=role, bad=bad)]
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(list(split.filenames), seed=seed, deterministic=True, worker_seed=role.stream_seed),
-        wds.tarfile_to_samples(handler=bad.tar_error),
-        functools.partial(_resume_stream, role=role, bufsize=shuffle_buffer, batch_size=batch_size),
-        functools.partial(_examples, role=role, num_classes=num_classes, transform=transform, bad=bad),
+        *stages,
         wds.batched(batch_size, collation_fn=_collate, partial=False),
         wds.map(functools.partial(_with_tally, role=role, bad=bad)),
     )
