@@ -12,7 +12,6 @@ Without --root, scikit-learn's digits are written as shards into a temporary fol
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 import time
@@ -20,20 +19,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-import webdataset as wds
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .config import DataConfig
 from .data.make_shards import main as make_shards
-from .data.pipeline import IMAGE_KEYS, train_loader
-from .data.shards import SplitInfo, load_info
+from .data.pipeline import decode_rgb, train_loader
+from .data.shards import encoded_samples, load_info
 from .data.transforms import ImageStats, MultiView, contrastive_view
 from .tasks import VIEWS
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the normalisation timm's ViTs use
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench_loader.py", description=__doc__.split("\n\n")[0],
@@ -52,17 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def stage1_transform(img_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """The stage-1 training transform with the data config's defaults: two contrastive views."""
     d = DataConfig()
-    stats = ImageStats(img_size, IMAGENET_MEAN, IMAGENET_STD)
+    stats = ImageStats(img_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)  # timm's ViT normalisation
     return MultiView(contrastive_view(stats, d.crop_scale_min, d.color_jitter, d.hflip), VIEWS)
-
-
-def encoded_samples(split: SplitInfo) -> list[tuple[bytes, int]]:
-    """Every (encoded image bytes, label) of the split, read once into memory."""
-    samples = []
-    for sample in wds.WebDataset(list(split.filenames), shardshuffle=False, empty_check=False):
-        image_key = next(k for k in IMAGE_KEYS if k in sample)
-        samples.append((sample[image_key], int(sample["cls"])))
-    return samples
 
 
 class InMemoryImages(Dataset):
@@ -76,7 +63,7 @@ class InMemoryImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         data, label = self.samples[index % len(self.samples)]
-        return self.transform(Image.open(io.BytesIO(data)).convert("RGB")), label
+        return self.transform(decode_rgb(data)), label
 
 
 def images_per_second(batches: Iterable, warmup: int, timed: int, label: str, quiet: bool) -> float:
@@ -106,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               shuffle_buffer=args.shuffle_buffer)
         loader_rate = images_per_second(stream, warmup, args.batches, "train_loader", args.quiet)
         del stream  # its workers stop before the bare loop's start
-        bare = DataLoader(InMemoryImages(encoded_samples(split), transform, (warmup + args.batches) * args.batch),
+        bare = DataLoader(InMemoryImages(list(encoded_samples(split, info.image_ext)), transform, (warmup + args.batches) * args.batch),
                           batch_size=args.batch, num_workers=args.workers, drop_last=True,
                           pin_memory=torch.cuda.is_available())
         bare_rate = images_per_second(bare, warmup, args.batches, "bare loop", args.quiet)

@@ -23,7 +23,7 @@ import torch
 from . import distributed as dist_utils
 from .config import ModelConfig
 from .data.pipeline import eval_loader
-from .data.shards import load_info
+from .data.shards import DatasetInfo, load_info
 from .data.transforms import evaluation
 from .evaluation import evaluate_classifier, evaluate_embeddings
 from .figures import confusion_matrix_image, per_class_bar_image, save_png, scatter_image
@@ -66,6 +66,26 @@ def pca_2d(x: torch.Tensor) -> torch.Tensor:
     return x @ v[:, :2]
 
 
+def backbone_embedding_report(model: torch.nn.Module, info: DatasetInfo, split: str, bank_split: str,
+                              device: torch.device, batch_size: int = 128,
+                              workers: int = 2) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """kNN Top-1 (bank: `bank_split`) and embedding health of a timm model's pooled features (pre-logits) on
+    `split`, each rank embedding its share; returns the metrics and the gathered embeddings + labels."""
+    transform = evaluation(image_stats(model))
+
+    def loader(name: str):
+        return eval_loader(info.split(name), info.num_classes, transform, batch_size, rank=dist_utils.rank(),
+                           world_size=dist_utils.world_size(), num_workers=workers)
+
+    def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"backbone": model.forward_head(model.forward_features(images), pre_logits=True)}
+
+    expected = (info.split(bank_split).num_samples, info.split(split).num_samples)
+    with torch.no_grad():
+        return evaluate_embeddings(encode, loader(bank_split), loader(split), device, torch.float32,
+                                   info.num_classes, expected, f"split {split!r} of {info.root}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world = dist_utils.detect_world()
@@ -94,13 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         results["classification"] = evaluate_classifier(model, loader(args.split), device, torch.float32,
                                                         info.num_classes, info.split(args.split).num_samples, where)
     if args.embeddings or manifest["stage"] == "stage1":
-        def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
-            features = model.forward_head(model.forward_features(images), pre_logits=True)
-            return {"backbone": features}
-        with torch.no_grad():
-            results["embeddings"], embeddings = evaluate_embeddings(
-                encode, loader(args.bank_split), loader(args.split), device, torch.float32, info.num_classes,
-                (info.split(args.bank_split).num_samples, info.split(args.split).num_samples), where)
+        results["embeddings"], embeddings = backbone_embedding_report(
+            model, info, args.split, args.bank_split, device, args.batch_size, args.workers)
     if world.is_main:
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps(results, indent=2))

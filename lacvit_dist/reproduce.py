@@ -26,7 +26,7 @@ import argparse
 import itertools
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,10 @@ from . import distributed as dist_utils
 from .checkpoint import save_state_dict, write_json
 from .cli import resolve_device, run, set_threads
 from .config import ConfigError, load_config
-from .data.pipeline import eval_loader
 from .data.shards import DatasetInfo, load_info
 from .data.subsets import parse_classes, write_class_subset
-from .data.transforms import evaluation
-from .evaluation import evaluate_embeddings
 from .figures import mean_std_bar_image, save_png, scatter_image, side_by_side
-from .models import image_stats
-from .offline_eval import load_exported, pca_2d
+from .offline_eval import backbone_embedding_report, load_exported, pca_2d
 from .tb import log, setup_console
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,10 +113,10 @@ class Experiment:
     source: DatasetInfo
     target: DatasetInfo
     epochs: dict[str, int]
-    runs: Path = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.runs = self.args.out / "runs"
+    @property
+    def runs(self) -> Path:
+        return self.args.out / "runs"
 
     def train(self, name: str, stages: list[str], overrides: list[str]) -> dict[str, dict[str, Any]]:
         """One train.py run (in this process group); a finished run folder is reused, not retrained."""
@@ -157,21 +153,10 @@ class Experiment:
         """kNN (bank: target train) and embedding health of the backbone on the target test split."""
         model, _ = load_exported(checkpoint)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        model.to(device)
-        transform, target = evaluation(image_stats(model)), self.target
-
-        def loader(split: str):
-            # In-process decoding: loaders created back to back here fork while the previous one's queue
-            # threads are still exiting, which deadlocked a worker at fork on Python 3.11 (seen once).
-            return eval_loader(target.split(split), target.num_classes, transform, 128, rank=dist_utils.rank(),
-                               world_size=dist_utils.world_size(), num_workers=0)
-
-        def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"backbone": model.forward_head(model.forward_features(images), pre_logits=True)}
-
-        metrics, embeddings = evaluate_embeddings(
-            encode, loader("train"), loader("test"), device, torch.float32, target.num_classes,
-            (target.split("train").num_samples, target.split("test").num_samples), f"test split of {target.root}")
+        # workers=0: loaders created back to back fork while the previous one's queue threads are still
+        # exiting, which deadlocked a worker at fork on Python 3.11.7 (CPython gh-112275; seen once here).
+        metrics, embeddings = backbone_embedding_report(model.to(device), self.target, "test", "train", device,
+                                                        workers=0)
         return {key: metrics[key if key == "knn_top1" else f"backbone/{key}"] for key in HEALTH_KEYS}, embeddings
 
 

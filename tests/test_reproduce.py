@@ -8,20 +8,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 import yaml
 from PIL import Image
 
 from conftest import REPO
 from lacvit_dist.config import ConfigError
-from lacvit_dist.data.shards import load_info
+from lacvit_dist.data.shards import encoded_samples, load_info
 from lacvit_dist.data.subsets import parse_classes, write_class_subset
 from lacvit_dist.reproduce import choose, mean_std, parse_grid
 
 
 def labels_of(split) -> list[int]:
-    return [int(s["cls"]) for s in wds.DataPipeline(wds.SimpleShardList(list(split.filenames)),
-                                                      wds.tarfile_to_samples())]
+    return [label for _, label in encoded_samples(split, "png")]
 
 
 def test_parse_classes():

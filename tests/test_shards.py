@@ -14,7 +14,7 @@ from PIL import Image
 
 from lacvit_dist.data import make_shards
 from lacvit_dist.data.shards import (
-    INFO_FILE, DatasetInfoError, Sample, SplitNotFoundError, load_info, write_dataset,
+    INFO_FILE, DatasetInfoError, Sample, SplitInfo, SplitNotFoundError, encoded_samples, load_info, write_dataset,
 )
 from lacvit_dist.data.sources import (
     digits_source, encode_array, encode_file, image_folder_source, stratified_split,
@@ -466,3 +466,19 @@ def test_cli_usage_errors_return_2(capsys):
     assert make_shards.main(["cifar", "--out", "x"]) == 2
     assert make_shards.main(["digits"]) == 2  # --out is required
     assert "usage:" in capsys.readouterr().err
+
+
+def test_encoded_samples_reads_bytes_and_labels_and_names_a_bad_sample(tmp_path):
+    import webdataset as wds
+
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    shard = tmp_path / "train-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        sink.write({"__key__": "a", "png": png.getvalue(), "cls": b"3"})
+        sink.write({"__key__": "b", "png": png.getvalue()})  # no label
+    split = SplitInfo(name="train", filenames=(str(shard),), shard_lengths=(2,))
+    samples = encoded_samples(split, "png")
+    assert next(samples) == (png.getvalue(), 3)
+    with pytest.raises(ValueError, match=r"train-000000.tar, key b: expected .png and .cls members"):
+        next(samples)

@@ -58,7 +58,7 @@ def _where(sample: dict) -> str:
     return f"shard {sample.get('__url__', '?')}, key {sample.get('__key__', '?')}"
 
 
-def _decode_rgb(data: bytes) -> Image.Image:
+def decode_rgb(data: bytes) -> Image.Image:
     """Encoded image -> RGB PIL image, the pixels webdataset's "pilrgb" decoder gives, without its handler
     chain and second full-image copy (it converts twice): a third of the decoding time of a small PNG."""
     with Image.open(io.BytesIO(data)) as image:
@@ -85,7 +85,7 @@ def _to_example(sample: dict, num_classes: int, transform: Callable) -> tuple:
         raise BadSampleError("no_image", f"{_where(sample)}: no image (expected one of {IMAGE_KEYS}), "
                                          f"has {sorted(sample)}")
     try:
-        image = _decode_rgb(sample[image_key])
+        image = decode_rgb(sample[image_key])
     except Exception as err:  # PIL raises several types for corrupt data
         raise BadSampleError("undecodable_image", f"{_where(sample)}: cannot decode {image_key} image: {err}") from err
     label = _label(sample, num_classes)

@@ -30,7 +30,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from tqdm import tqdm
 
@@ -130,6 +130,18 @@ def load_info(root: str | os.PathLike, *, allow_pipe_urls: bool = False) -> Data
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetInfoError(f"{info_path} is not valid JSON: {exc}") from None
     return _parse_info(raw, root_path, info_path, allow_pipe_urls)
+
+
+def encoded_samples(split: SplitInfo, image_ext: str) -> Iterator[tuple[bytes, int]]:
+    """Every (encoded image bytes, label) of a split, in shard order, nothing decoded; a sample without its
+    image or label member is an error naming shard and key."""
+    import webdataset as wds  # deferred: it imports torch, which reading _info.json never needs
+
+    for sample in wds.DataPipeline(wds.SimpleShardList(list(split.filenames)), wds.tarfile_to_samples()):
+        if image_ext not in sample or LABEL_EXT not in sample:
+            raise ValueError(f"shard {sample.get('__url__')}, key {sample.get('__key__')}: expected .{image_ext} "
+                             f"and .{LABEL_EXT} members, has {sorted(sample)}")
+        yield sample[image_ext], int(sample[LABEL_EXT])
 
 
 def _require(obj: Any, key: str, kind: type | tuple[type, ...], where: str, info_path: Path) -> Any:

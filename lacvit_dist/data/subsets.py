@@ -12,9 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import webdataset as wds
-
-from .shards import LABEL_EXT, DatasetInfo, SplitInfo, load_info, write_dataset
+from .shards import DatasetInfo, encoded_samples, load_info, write_dataset
 
 
 def parse_classes(spec: str, num_classes: int) -> list[int]:
@@ -35,15 +33,8 @@ def parse_classes(spec: str, num_classes: int) -> list[int]:
     return classes
 
 
-def _samples_of(split: SplitInfo, image_ext: str, new_label: dict[int, int]) -> Iterator[tuple[bytes, int]]:
-    pipeline = wds.DataPipeline(wds.SimpleShardList(list(split.filenames)), wds.tarfile_to_samples())
-    for sample in pipeline:
-        where = f"shard {sample.get('__url__')}, key {sample.get('__key__')}"
-        if image_ext not in sample or LABEL_EXT not in sample:
-            raise ValueError(f"{where}: expected .{image_ext} and .{LABEL_EXT} members, has {sorted(sample)}")
-        label = int(sample[LABEL_EXT])
-        if label in new_label:
-            yield sample[image_ext], new_label[label]
+def _relabelled(samples: Iterator[tuple[bytes, int]], new_label: dict[int, int]) -> Iterator[tuple[bytes, int]]:
+    return ((image, new_label[label]) for image, label in samples if label in new_label)
 
 
 def write_class_subset(info: DatasetInfo, classes: Sequence[int], out_root: str | os.PathLike, name: str,
@@ -59,6 +50,7 @@ def write_class_subset(info: DatasetInfo, classes: Sequence[int], out_root: str 
         if json.loads((out / "_info.json").read_text()).get("source") == notes:
             return load_info(out)
     new_label = {old: new for new, old in enumerate(classes)}
-    splits = {name_: _samples_of(split, info.image_ext, new_label) for name_, split in info.splits.items()}
+    splits = {name_: _relabelled(encoded_samples(split, info.image_ext), new_label)
+              for name_, split in info.splits.items()}
     return write_dataset(out, name, notes["class_names"], splits, samples_per_shard=samples_per_shard,
                          image_ext=info.image_ext, progress=False, notes=notes)
