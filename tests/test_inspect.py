@@ -126,11 +126,14 @@ def test_missing_shard_unknown_split_and_usage(toy, capsys):
 
 
 def test_tool_script_and_workers(digits_root):
-    """The thin tools/ entry point, with 2 worker processes: same output as 1."""
+    """The thin tools/ entry point, with 2 worker processes: same output as 1; a progress bar on stderr
+    (all 1797 digits), none with --quiet."""
     outs = []
-    for workers in ("1", "2"):
+    for workers, quiet in (("1", []), ("2", ["--quiet"])):
         proc = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_shards.py"), str(digits_root),
-                               "--verify", "--workers", workers], capture_output=True, text=True, timeout=120)
+                               "--verify", "--workers", workers] + quiet, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
+        assert ("verify digits: 100%" in proc.stderr and "1797/1797" in proc.stderr) if not quiet \
+            else proc.stderr == "", proc.stderr
         outs.append(proc.stdout)
     assert outs[0] == outs[1]

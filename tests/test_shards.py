@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -262,20 +263,107 @@ def test_refuses_existing_shards_or_info_and_keeps_them(tmp_path):
         assert [p.name for p in other.iterdir()] == [name] and (other / name).read_bytes() == b"keep me"
 
 
-def test_overwrite_replaces_only_our_files(tmp_path):
+def test_overwrite_replaces_the_set_and_refuses_foreign_files(tmp_path):
     root = tmp_path / "ds"
     write_dataset(root, "toy", ["a", "b"], small_splits(5), samples_per_shard=2, progress=False)
     assert len(load_info(root).split("train").filenames) == 3
+    root.chmod(0o750)
+    # the new set replaces the whole folder: files that are not ours are refused, by name, and kept
     (root / "foreign.tar").write_bytes(b"not ours")
     (root / "README").write_text("notes")
     (root / "other-000000.tar").write_bytes(b"named like ours, but neither listed nor a split we write")
+    before = snapshot(root)
+    with pytest.raises(FileExistsError, match=r"not part of a shard set \(README, foreign.tar, other-000000.tar\)"):
+        write_dataset(root, "toy2", ["a", "b"], small_splits(3), progress=False, overwrite=True)
+    assert snapshot(root) == before
+    for name in ("foreign.tar", "README", "other-000000.tar"):
+        (root / name).unlink()
     info = write_dataset(root, "toy2", ["a", "b"], {"train": small_splits(3)["train"]},
                          samples_per_shard=10, progress=False, overwrite=True)
     assert info.name == "toy2" and set(info.splits) == {"train"} and info.split("train").num_samples == 3
-    # old train-000001/2 and val shards are gone; files that are not ours are untouched
-    assert {p.name for p in root.iterdir()} == {INFO_FILE, "README", "foreign.tar", "other-000000.tar",
-                                                "train-000000.tar"}
-    assert (root / "foreign.tar").read_bytes() == b"not ours"
+    assert {p.name for p in root.iterdir()} == {INFO_FILE, "train-000000.tar"}  # old shards and val are gone
+    assert root.stat().st_mode & 0o777 == 0o750  # the swapped-in folder keeps the old one's permissions
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no staging or old folder left beside it
+
+
+def test_writes_into_an_existing_empty_folder(tmp_path):
+    root = tmp_path / "ds"
+    root.mkdir(mode=0o750)
+    info = write_dataset(root, "toy", ["a", "b"], small_splits(), samples_per_shard=2, progress=False)
+    assert info.split("train").num_samples == 5 and root.stat().st_mode & 0o777 == 0o750
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def failing_after(n_good: int, error: BaseException):
+    """Samples that fail after `n_good` good ones: a bad sample (ValueError) or a raised exception."""
+    for i in range(n_good):
+        yield Sample(tiny_png(i), i % 2)
+    if isinstance(error, ValueError):
+        yield Sample(b"not an image", 0)
+    raise error
+
+
+@pytest.mark.parametrize("error", [ValueError("not PNG"), Interrupt("injected"), KeyboardInterrupt()],
+                         ids=["bad_sample", "exception", "ctrl_c"])
+def test_failed_overwrite_keeps_the_previous_set(tmp_path, error):
+    """A write that fails after several shards are done leaves the old set byte for byte, still readable."""
+    root = tmp_path / "ds"
+    write_dataset(root, "toy", ["a", "b"], small_splits(5), samples_per_shard=2, progress=False)
+    before = snapshot(root)
+    with pytest.raises(type(error)):
+        write_dataset(root, "new", ["a", "b"], {"val": small_splits()["val"], "train": failing_after(7, error)},
+                      samples_per_shard=2, progress=False, overwrite=True)
+    assert snapshot(root) == before
+    info = load_info(root)
+    assert info.name == "toy" and len(read_shards(list(info.split("train").filenames))) == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # the unfinished new set is gone too
+
+
+def _exited_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_next_write_repairs_an_interrupted_swap(tmp_path):
+    """A crash between the swap's two renames leaves the old set renamed aside and the new one unfinished or
+    not yet renamed in: the next write renames the old one back and deletes the rest, saying so; a folder of a
+    write that is still running is left alone."""
+    root = tmp_path / "ds"
+    write_dataset(root, "toy", ["a", "b"], small_splits(5), samples_per_shard=2, progress=False)
+    before = snapshot(root)
+    pid = _exited_pid()
+    root.rename(tmp_path / f".ds.old-{pid}-0123abcd")
+    (tmp_path / f".ds.partial-{pid}-89abcdef").mkdir()
+    (tmp_path / f".ds.partial-{pid}-89abcdef" / "train-000000.tar").write_bytes(b"new, unfinished")
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        live = tmp_path / f".ds.partial-{running.pid}-00000000"
+        live.mkdir()
+        with pytest.warns(UserWarning) as caught, pytest.raises(FileExistsError, match="already holds shards"):
+            write_dataset(root, "toy", ["a", "b"], small_splits(), progress=False)  # no --overwrite: refused
+    finally:
+        running.kill()
+        running.wait()
+    messages = [str(w.message) for w in caught]
+    assert any(f"restored {root} from .ds.old-{pid}-0123abcd" in m for m in messages), messages
+    assert any(f"deleted {tmp_path}/.ds.partial-{pid}-89abcdef" in m for m in messages), messages
+    assert any(f"{live} belongs to a write to {root} by process {running.pid}, which is still running" in m
+               for m in messages), messages
+    assert snapshot(root) == before and load_info(root).name == "toy"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "ds"]
+    # an old set left after the swap (its deletion interrupted) is deleted by the next write
+    live.rmdir()
+    stale = tmp_path / f".ds.old-{_exited_pid()}-fedcba98"
+    stale.mkdir()
+    with pytest.warns(UserWarning, match=f"deleted {stale}"):
+        write_dataset(root, "new", ["a", "b"], small_splits(1), progress=False, overwrite=True)
+    assert load_info(root).name == "new" and [p.name for p in tmp_path.iterdir()] == ["ds"]
 
 
 @pytest.mark.parametrize("bad_sample, message", [
@@ -290,7 +378,7 @@ def test_failed_write_leaves_nothing(tmp_path, bad_sample, message):
     with pytest.raises(ValueError, match=message):
         write_dataset(tmp_path / "ds", "toy", ["a", "b"], {"train": iter(samples)}, samples_per_shard=2,
                       progress=False)
-    assert list((tmp_path / "ds").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # neither the output folder nor the unfinished set beside it
 
 
 @pytest.mark.parametrize("kwargs, message", [

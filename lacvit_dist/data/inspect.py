@@ -11,6 +11,7 @@ keys are unique across the data set, each shard holds exactly the count `_info.j
 each tar ends with its end-of-archive marker. Structural problems (unreadable or truncated tars,
 count mismatches) are reported in both modes, each on one line naming the shard and the key (or
 the byte offset); the exit status is 1 when any problem was found, 0 when clean, 2 on a usage error.
+A progress bar (samples read) goes to stderr; --quiet turns it off.
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ import sys
 import tarfile
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
+from lacvit_dist.data.make_shards import process_pool
 from lacvit_dist.data.shards import LABEL_EXT, DatasetInfo, DatasetInfoError, SplitNotFoundError, load_info
 
 PROG = "lacvit-inspect-shards"
@@ -159,9 +162,9 @@ def _scan(job: tuple) -> ShardReport:
 
 
 def inspect(root: str | os.PathLike, splits: Sequence[str] | None = None, samples: int = 3,
-            verify: bool = False, workers: int = 1, out=None) -> int:
-    """Print the summary (and problems) of the data set at `root` to `out` (default: stdout);
-    returns the number of problems found."""
+            verify: bool = False, workers: int = 1, out=None, progress: bool = False) -> int:
+    """Print the summary (and problems) of the data set at `root` to `out` (default: stdout), with a
+    progress bar on stderr if `progress`; returns the number of problems found."""
     out = sys.stdout if out is None else out
     info: DatasetInfo = load_info(root)
     names = list(splits) if splits else list(info.splits)
@@ -170,16 +173,23 @@ def inspect(root: str | os.PathLike, splits: Sequence[str] | None = None, sample
     print(f"{info.root}: {info.name!r}, {info.num_classes} classes, {info.image_ext} images", file=out)
     problems = 0
     seen_keys: dict[str, str] = {}
-    executor = ProcessPoolExecutor(workers) if workers > 1 else None
+    executor = process_pool(workers) if workers > 1 else None
+    bar = tqdm(total=sum(info.split(s).num_samples for s in names), desc=f"{'verify' if verify else 'scan'} "
+               f"{info.name}", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
         for split in names:
             meta = info.split(split)
             before = [sum(meta.shard_lengths[:n]) for n in range(len(meta.filenames))]
             jobs = [(path, info.image_ext, info.num_classes, verify, max(0, samples - before[n]), info.class_names)
                     for n, path in enumerate(meta.filenames)]
-            reports = list(executor.map(_scan, jobs)) if executor else [_scan(job) for job in jobs]
+            reports = []
+            for report, listed in zip(executor.map(_scan, jobs) if executor else map(_scan, jobs),
+                                      meta.shard_lengths):
+                reports.append(report)
+                bar.update(listed)  # the listed count, so the bar ends at its total even on a short shard
             problems += _print_split(info, split, meta, reports, samples, seen_keys, out)
     finally:
+        bar.close()
         if executor is not None:
             executor.shutdown(cancel_futures=True)
     status = "verified: no problems" if verify and not problems else f"{problems} problem(s)" if problems else \
@@ -229,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="decode every image and check labels, keys and per-shard counts; exit 1 on a problem")
     parser.add_argument("--workers", type=int, default=1, help="processes reading shards (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (it goes to stderr)")
     return parser
 
 
@@ -242,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: --samples must be >= 0 and --workers >= 1", file=sys.stderr)
         return 2
     try:
-        problems = inspect(args.root, args.split, args.samples, args.verify, args.workers)
+        problems = inspect(args.root, args.split, args.samples, args.verify, args.workers, progress=not args.quiet)
     except (SplitNotFoundError, FileNotFoundError, DatasetInfoError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1  # a missing or broken data set is a data problem, not a usage error

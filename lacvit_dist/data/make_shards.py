@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import signal
 import sys
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -151,7 +153,8 @@ def _add_common(parser: argparse.ArgumentParser, default_name: str | None, offic
                         help="write train in a seeded random order so shards mix classes (default: on); "
                              "--no-shuffle writes every split in source order")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace shards and _info.json already in --out")
+                        help="replace the shard set already in --out; the new set is written beside it and "
+                             "swapped in only when complete, so a failed or interrupted run keeps the old one")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -239,7 +242,7 @@ def run(args: argparse.Namespace) -> DatasetInfo:
                                   "max_side": args.max_side}
     if args.format == "jpg":
         notes["jpeg_quality"] = args.quality
-    executor = ProcessPoolExecutor(args.workers, mp_context=_mp_context()) if args.workers > 1 else None
+    executor = process_pool(args.workers) if args.workers > 1 else None
     try:
         splits = {split: LazySamples(idx, source, encode_opts, executor, window=4 * args.workers)
                   for split, idx in parts.items()}
@@ -252,11 +255,15 @@ def run(args: argparse.Namespace) -> DatasetInfo:
             executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _mp_context():
-    """forkserver where available: the writer has imported torch (threads) by the time workers start,
-    and forking a threaded process is unsafe; workers only need numpy and PIL."""
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool for the shard tools. forkserver where available: by the time workers start, the parent has
+    imported torch and runs progress-bar threads, and forking a threaded process is unsafe. Workers ignore
+    Ctrl-C (SIGINT reaches the whole process group): the parent alone stops, cleans up and shuts them down.
+    Like every non-fork pool, it needs the calling script's `if __name__ == "__main__":` guard."""
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return ProcessPoolExecutor(workers, mp_context=context,
+                               initializer=partial(signal.signal, signal.SIGINT, signal.SIG_IGN))
 
 
 def summary(info: DatasetInfo) -> str:
@@ -273,10 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed usage; return its code instead of exiting
         return _exit_code(exc.code)
     try:
-        info = run(args)
+        with warnings.catch_warnings():  # e.g. leftovers of an interrupted write: one plain line each
+            warnings.showwarning = lambda message, *_, **__: print(f"{PROG}: warning: {message}", file=sys.stderr)
+            info = run(args)
     except (ValueError, OSError, DatasetInfoError, SourceError) as exc:  # user errors: one line
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; {args.out} is as it was before this run", file=sys.stderr)
+        return 130  # the shell's code for a SIGINT exit
     print(summary(info))
     return 0
 

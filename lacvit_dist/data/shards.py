@@ -13,8 +13,9 @@ each split with ``name``, ``num_samples``, ``filenames`` relative to the root, `
 so ``timm.data.create_dataset("wds/<name>", root=OUT, split="train")`` reads it unchanged, plus
 ``num_classes``, ``class_names`` (index = label) and ``image_ext``.
 
-``_info.json`` is written last and atomically: a root without it is an unfinished (or crashed) write,
-and :func:`load_info` refuses it.
+A set is written into a sibling folder and swapped in whole once every shard and ``_info.json`` are
+complete (:func:`write_dataset`), so a root never holds a half-written or half-replaced set; a root
+without ``_info.json`` is refused by :func:`load_info`.
 
 A shard name may also be a webdataset ``pipe:`` URL (``pipe:aws s3 cp s3://bucket/train-000000.tar -``),
 which webdataset runs as a shell command. :func:`load_info` refuses such names, naming split and shard,
@@ -27,6 +28,9 @@ import json
 import numbers
 import os
 import re
+import secrets
+import shutil
+import warnings
 from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,10 +235,11 @@ def write_dataset(
     """Write each split's (image bytes, label) samples as shards under `root`, then `_info.json`.
 
     `splits` maps a split name to a sequence or any iterable (a generator streams large sets).
-    Refuses a root that already holds `_info.json` or a `*.tar` unless `overwrite=True`, which first
-    removes only this layout's files (shards listed in the old info or named like ours, the info file).
-    On any error the shards this call created are removed, so a failed write leaves nothing behind;
-    `_info.json` is written last (tmp + os.replace) so an interrupted write never looks complete.
+    The set is written into a sibling folder (``.<root name>.partial-*``, same parent, so the same file
+    system) and swapped in only when every shard and `_info.json` are complete: on any error or interrupt
+    `root` is left exactly as it was. A root holding a shard set is refused unless `overwrite=True`; a
+    root holding anything that is not a shard set is always refused (the whole folder is replaced), naming
+    those files. Leftovers of an interrupted earlier write are repaired first (see :func:`_repair`).
     `max_shard_size` (bytes) also closes a shard once it holds that much (webdataset's ShardWriter
     `maxsize`: checked before each sample, so a shard exceeds it by at most one sample); `notes`
     (JSON-serialisable, e.g. how the split was made) is stored under the key "source".
@@ -246,18 +251,21 @@ def write_dataset(
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
     if notes is not None:
         json.dumps(notes)  # fail before writing anything if it cannot be stored
-    _prepare_root(root_path, list(splits), overwrite)
-    created: list[Path] = []
+    _repair(root_path)
+    _check_root(root_path, list(splits), overwrite)
+    staging = _new_sibling(root_path, "partial")
     try:
+        if root_path.is_dir():
+            shutil.copymode(root_path, staging)  # the new folder keeps the old one's permissions
         split_meta = {}
         for split, samples in splits.items():
-            lengths = _write_split(root_path, split, samples, len(class_names), samples_per_shard,
-                                   image_ext, progress, name, created, max_shard_size)
-            split_meta[split] = lengths
-        _write_info(root_path, name, class_names, image_ext, split_meta, notes)
+            split_meta[split] = _write_split(staging, split, samples, len(class_names), samples_per_shard,
+                                             image_ext, progress, name, max_shard_size)
+        _write_info(staging, name, class_names, image_ext, split_meta, notes)
+        _fsync_folder(staging)
+        _swap_in(staging, root_path)
     except BaseException:
-        for path in created:
-            path.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_info(root_path)
 
@@ -281,45 +289,143 @@ def _check_write_args(name: str, class_names: Sequence[str], splits: Mapping[str
         raise ValueError(f"image_ext must be one of {IMAGE_EXTS}, got {image_ext!r}")
 
 
-def _prepare_root(root: Path, split_names: list[str], overwrite: bool) -> None:
-    """Create the root; refuse existing shards/info unless `overwrite`, then remove only ours."""
+def _check_root(root: Path, split_names: list[str], overwrite: bool) -> None:
+    """Refuse a root that is a file, holds anything but a shard set, or holds a set without `overwrite`."""
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"output path {root} exists and is not a directory")
-    root.mkdir(parents=True, exist_ok=True)
-    info = root / INFO_FILE
-    existing = sorted(root.glob("*.tar")) + ([info] if info.exists() else [])
+    existing = sorted(root.iterdir()) if root.is_dir() else []
     if not existing:
         return
+    own = set(_own_files(root, split_names))
+    foreign = [p.name for p in existing if p not in own]
+    if foreign:  # the swap replaces the whole folder: these would be lost
+        raise FileExistsError(f"output directory {root} holds files that are not part of a shard set "
+                              f"({_shown(foreign)}); the new set replaces the whole folder, so write it to an "
+                              "empty or new folder, or move those files out")
     if not overwrite:
-        shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
-        raise FileExistsError(f"output directory {root} already holds shards or {INFO_FILE} ({shown}); "
-                              "pass overwrite=True (--overwrite) to replace them")
-    for path in _own_files(root, split_names):
-        path.unlink(missing_ok=True)
+        raise FileExistsError(f"output directory {root} already holds shards or {INFO_FILE} "
+                              f"({_shown([p.name for p in existing])}); pass overwrite=True (--overwrite) to "
+                              "replace them")
+
+
+def _shown(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _own_files(root: Path, split_names: list[str]) -> list[Path]:
-    """Files of this layout in `root`: the info file, shards it lists, shards named like ours."""
-    own = {root / INFO_FILE}
-    try:  # shards of the previous write, even under split names we are not writing now
+    """Files of this layout in `root`: the info file (and its temporary file), the shards it lists, and
+    shards named like ours for a split it lists or that is being written (leftovers of a killed write)."""
+    own = {root / INFO_FILE, root / f".{INFO_FILE}.tmp"}
+    splits = set(split_names)
+    try:
         previous = json.loads((root / INFO_FILE).read_text(encoding="utf-8"))
-        for split in previous.get("splits", {}).values():
+        for key, split in previous.get("splits", {}).items():
+            splits.add(key)
             for fname in split.get("filenames", []):
-                path = (root / fname).resolve()
-                if path.parent == root and _SHARD_FILE.match(path.name):
-                    own.add(path)
+                own.add((root / fname).resolve())
     except (OSError, ValueError, AttributeError, TypeError):
         pass  # unreadable old info: fall back to the file-name pattern only
     for path in root.glob("*.tar"):
         match = _SHARD_FILE.match(path.name)
-        if match and match.group("split") in split_names:
+        if match and match.group("split") in splits:
             own.add(path)
-    return sorted(p for p in own if p.exists())
+    return sorted(p for p in own if p.parent == root and p.is_file())
+
+
+# Sibling folders of a write in progress: `partial` (the new set being written), `old` (the previous set,
+# renamed aside during the swap). The pid tells a live concurrent write from a dead one.
+_SIBLING = re.compile(r"^\.(?P<root>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _new_sibling(root: Path, kind: str) -> Path:
+    """A new empty folder beside `root` (same parent, so a rename never crosses file systems)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    path = root.parent / f".{root.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir()
+    return path
+
+
+def _swap_in(staging: Path, root: Path) -> None:
+    """Make the complete set in `staging` the folder `root`. An absent or empty root is replaced by one
+    rename; an old set is renamed aside, the new one renamed in, then the old one deleted, so at every
+    moment a complete set exists (between the two renames, the old one under its `.old-` name, which
+    the next write renames back: :func:`_repair`)."""
+    if not root.exists() or not any(root.iterdir()):
+        os.replace(staging, root)  # POSIX rename replaces an empty directory atomically
+        return
+    aside = root.parent / staging.name.replace(".partial-", ".old-", 1)
+    os.rename(root, aside)
+    try:
+        os.rename(staging, root)
+    except BaseException:
+        os.rename(aside, root)
+        raise
+    try:  # the new set is in place: an error or Ctrl-C here only delays the clean-up to the next write
+        shutil.rmtree(aside)
+    except (OSError, KeyboardInterrupt):
+        warnings.warn(f"wrote {root}, but did not finish deleting the previous set at {aside}; the next write to "
+                      f"{root} deletes it (or delete it by hand)")
+
+
+def _repair(root: Path) -> None:
+    """Deal with what an interrupted earlier write to `root` left beside it (from a process no longer
+    running): if `root` is missing but the previous set was renamed aside, rename it back; delete the
+    rest (unfinished new sets, superseded old ones). Each action is reported as a warning. Whether a process
+    is running is checked on this machine only: on a shared file system, do not write one root from two hosts."""
+    if not root.parent.is_dir():
+        return
+    leftovers: dict[str, list[Path]] = {"partial": [], "old": []}
+    for path in sorted(root.parent.iterdir()):
+        match = _SIBLING.match(path.name)
+        if not match or match.group("root") != root.name or not path.is_dir():
+            continue
+        if _pid_alive(int(match.group("pid"))):
+            warnings.warn(f"{path} belongs to a write to {root} by process {match.group('pid')}, which is still "
+                          "running; left alone")
+            continue
+        leftovers[match.group("kind")].append(path)
+    if leftovers["old"] and (not root.exists() or (root.is_dir() and not any(root.iterdir()))):
+        if len(leftovers["old"]) > 1:
+            raise FileExistsError(f"{root} is missing and several earlier shard sets were left beside it by "
+                                  f"interrupted writes: {_shown([str(p) for p in leftovers['old']])}; rename the "
+                                  f"one to keep to {root} and delete the others")
+        previous = leftovers["old"].pop()
+        os.replace(previous, root)
+        warnings.warn(f"restored {root} from {previous.name}: an earlier write was interrupted while swapping "
+                      "in its new set, which is discarded")
+    for path in leftovers["partial"] + leftovers["old"]:
+        shutil.rmtree(path, ignore_errors=True)
+        warnings.warn(f"deleted {path}, left by an interrupted write to {root}"
+                      + (" (could not delete it completely)" if path.exists() else ""))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own earlier, failed call
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush every file and the folder itself, so the swapped-in set survives a power loss."""
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_split(root: Path, split: str, samples: Iterable[tuple[bytes, int]], num_classes: int,
                  samples_per_shard: int, image_ext: str, progress: bool, name: str,
-                 created: list[Path], max_shard_size: float | None = None) -> list[tuple[str, int]]:
+                 max_shard_size: float | None = None) -> list[tuple[str, int]]:
     """Write one split with webdataset's ShardWriter; returns [(file name, sample count)] in order."""
     import webdataset as wds  # deferred: it imports torch (~4 s), which reading _info.json never needs
 
@@ -338,13 +444,8 @@ def _write_split(root: Path, split: str, samples: Iterable[tuple[bytes, int]], n
             image, label = _check_sample(sample, split, n, num_classes, image_ext)
             writer.write({"__key__": f"{split}_{n:07d}", image_ext: image,
                           LABEL_EXT: str(label).encode("ascii")})
-            if writer.fname not in counts:
-                created.append(Path(writer.fname))
             counts[writer.fname] = counts.get(writer.fname, 0) + 1
     finally:
-        # ShardWriter opens its first file on construction: record it even when nothing was written.
-        if writer.fname is not None and Path(writer.fname) not in created:
-            created.append(Path(writer.fname))
         writer.close()
         bar.close()
     if not counts:
@@ -373,7 +474,7 @@ def _check_sample(sample: Any, split: str, n: int, num_classes: int, image_ext: 
 
 def _write_info(root: Path, name: str, class_names: Sequence[str], image_ext: str,
                 split_meta: dict[str, list[tuple[str, int]]], notes: Mapping[str, Any] | None = None) -> None:
-    """Write `_info.json` atomically (tmp file in the same directory, fsync, os.replace)."""
+    """Write `_info.json` (into the staging folder: the folder swap makes it appear atomically)."""
     info = {
         "name": name,
         "version": INFO_VERSION,
@@ -393,14 +494,5 @@ def _write_info(root: Path, name: str, class_names: Sequence[str], image_ext: st
     }
     if notes:
         info["source"] = dict(notes)
-    tmp = root / f".{INFO_FILE}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / INFO_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
+    (root / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
