@@ -44,6 +44,7 @@ CLUSTER_NAME = "lacvit"
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 DAEMONS = ("slurmctld", "slurmd")  # required; slurmdbd and mariadbd are optional
+CRED_EXPIRE_S = 10  # job credential lifetime: also how long a requeued job waits before it may start again
 
 
 class ClusterError(RuntimeError):
@@ -212,6 +213,9 @@ def _write_slurm_conf(state: ClusterState, cpus: int, memory_mb: int) -> None:
         "SlurmdUser=root",
         "AuthType=auth/munge",
         "CredType=cred/munge",
+        # A requeued job is held until the launch credentials of its previous run have expired (the new ones
+        # must be newer than the revoked ones): 120 s by default; 5 s is the least slurm accepts.
+        f"AuthInfo=cred_expire={CRED_EXPIRE_S}",
         "MpiDefault=none",
         "MailProg=/bin/true",
         "ProctrackType=proctrack/linuxproc",
@@ -370,9 +374,8 @@ def _wait_idle(state: ClusterState, timeout: float) -> None:
             subprocess.run(["scontrol", "update", f"nodename={state.hostname}", "state=resume"],
                            env=_client_env(state), capture_output=True, timeout=15)
         time.sleep(0.5)
-    log_dir = Path(state.dir) / "log"
     raise ClusterError(f"node {state.hostname} not idle after {timeout:.0f} s (sinfo: {last!r})\n"
-                       f"slurmctld.log:\n{_tail(log_dir / 'slurmctld.log')}\nslurmd.log:\n{_tail(log_dir / 'slurmd.log')}")
+                       f"{daemon_logs(state.dir, 25)}")
 
 
 # --------------------------------------------------------------------------------------------- API
@@ -488,6 +491,12 @@ def stop(directory: str | Path) -> None:
         _stop_munge()
         state.munge_started = False
     state.save()
+
+
+def daemon_logs(directory: str | Path, lines: int = 60) -> str:
+    """The last lines of slurmctld's and slurmd's logs (for a failing test or job)."""
+    log_dir = Path(directory) / "log"
+    return "\n".join(f"---- {log_dir / name}\n{_tail(log_dir / name, lines)}" for name in ("slurmctld.log", "slurmd.log"))
 
 
 def status(directory: str | Path) -> str:

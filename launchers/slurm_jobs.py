@@ -15,18 +15,21 @@
 * Requeue: SLURM sends SIGUSR1 `--signal-delay-s` seconds before the time limit (`--signal=USR1@120`; submitit is
   told to use USR1 too, so the signal never kills a process before the trainer has installed its handler).
   The trainer sets a flag, all ranks agree at a step boundary, save one checkpoint and leave with
-  `REQUEUE_EXIT_CODE` (75). Rank 0 then asks `StageTask.checkpoint()` for the resubmission (the same task: the
-  run folder is the only state, nothing about the checkpoint is frozen in the pickle), writes it where
-  submitit's job reads its task, and runs `scontrol requeue`. The restarted job resumes the unfinished stage
-  from its latest checkpoint. Requeues are counted per stage in `<run>/slurm/requeues.json`, against
-  `--max-requeues`. A job signalled before training started is requeued by submitit's own handler, which also
-  calls `checkpoint()`.
+  `REQUEUE_EXIT_CODE` (75). Rank 0 then writes the resubmission (the same task: the run folder is the only
+  state, nothing about the checkpoint is frozen in the pickle) where submitit's job reads its task, and runs
+  `scontrol requeue`; the other ranks wait for it (`<run>/slurm/<job id>/requeue_<restart>.json`) so that no
+  early exit ends the step before the requeue. The restarted job resumes the unfinished stage from its latest
+  checkpoint. Successful requeues are counted per stage in `<run>/slurm/requeues.json`, against
+  `--max-requeues`; a failing `scontrol requeue` (SLURM already requeueing a preempted job) is logged, not
+  counted. A job signalled before training started is requeued by submitit's own handler, which calls
+  `checkpoint()` (counted there).
 * `--dry-run` prints an equivalent plain `sbatch` script per stage (with `srun python train.py ...`, the
   requeue-on-75 logic and the `afterok` dependency) and submits nothing. `--status RUN_DIR` shows the jobs,
   their SLURM states, the latest step of each stage and the TensorBoard folders.
 * `--cluster slurm|local|debug` is handed to submitit explicitly (its AutoExecutor would pick SLURM whenever
   `srun` is on PATH). `local` runs the tasks as local processes and `debug` in this process (one rank); neither
-  has dependencies, so the launcher then runs the stages one after the other and waits.
+  has dependencies, so the launcher then runs the stages one after the other, waits for every task's result,
+  and records each job's final state in jobs.json for `--status`.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ DEPENDS_ON_STAGE1 = ("stage2", "baseline")
 JOBS_FILE = "jobs.json"
 REQUEUES_FILE = "requeues.json"
 PREEMPT_SIGNAL = "USR1"
+RANK0_REQUEUE_WAIT_S = 90.0  # rank 0's `scontrol requeue` has 60 s
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
 
@@ -109,51 +113,110 @@ class StageTask:
             return {"stage": spec.stage, "steps": results.get("steps"), "test": results.get("test", {}).get("top1")}
         if code == REQUEUE_EXIT_CODE:
             self._requeue_after_checkpoint(int(world["RANK"]))
-        import submitit
-
         raise RuntimeError(f"train.py --stages {spec.stage} exited with code {code} (rank {world['RANK']}); "
-                           f"logs in {submitit.JobEnvironment().paths.folder}")
+                           f"logs in {_job_folder(spec.run_dir)}")
 
     def _requeue_after_checkpoint(self, rank: int) -> None:
-        """The trainer saved a checkpoint on every rank and asked for a requeue (exit code 75)."""
+        """The trainer saved a checkpoint on every rank and asked for a requeue (exit code 75).
+
+        Rank 0 requeues the whole job; the other ranks wait until it has tried (a marker file in the job's log
+        folder), because a task that exits early can make SLURM end the step, rank 0 with it, before the requeue.
+        A failed `scontrol requeue` (e.g. SLURM already requeues the preempted job) is logged, not counted against
+        --max-requeues, and the task still leaves with 75."""
         import submitit
 
-        if rank != 0:
-            raise SystemExit(REQUEUE_EXIT_CODE)  # rank 0 requeues the whole job; SLURM then ends this task
         env = submitit.JobEnvironment()
+        marker = _job_folder(self.spec.run_dir) / f"requeue_{os.environ.get('SLURM_RESTART_COUNT', '0')}.json"
+        if rank != 0:
+            _wait_for_rank0(marker, rank)
+            raise SystemExit(REQUEUE_EXIT_CODE)
+        try:
+            outcome = self._requeue_job(env)
+        except BaseException as err:  # the others must not wait for nothing
+            _atomic_write_json(marker, {"requeued": False, "reason": f"rank 0: {err}"})
+            raise
+        _atomic_write_json(marker, outcome)
+        print(f"[lacvit launcher] {self.spec.stage}: {outcome['reason']}", flush=True)
+        raise SystemExit(REQUEUE_EXIT_CODE)
+
+    def _requeue_job(self, env) -> dict[str, Any]:
+        """Rank 0: resubmission pickle + `scontrol requeue`; returns {"requeued": bool, "reason": str}."""
+        import submitit
+
+        resume = f"the run is resumable: resubmit with --run-name {Path(self.spec.run_dir).name}"
         if env.cluster != "slurm":
             raise RuntimeError(f"{self.spec.stage} saved a checkpoint to stop, but the {env.cluster} executor "
-                               f"cannot requeue; resubmit with --run-name {Path(self.spec.run_dir).name} to resume")
-        delayed = self.checkpoint()
-        if delayed is None:
-            raise RuntimeError(f"{self.spec.stage}: requeue limit ({self.spec.max_requeues}) reached; the run is "
-                               f"resumable: resubmit with --run-name {Path(self.spec.run_dir).name}")
+                               f"cannot requeue; {resume}")
+        done = _read_json(self._requeues_path(), {}).get(self.spec.stage, 0)
+        if done >= self.spec.max_requeues:
+            raise RuntimeError(f"{self.spec.stage}: requeue limit ({self.spec.max_requeues}) reached; {resume}")
+        delayed = submitit.helpers.DelayedSubmission(type(self)(self.spec))
         delayed.set_timeout(self.spec.timeout_min, self.spec.max_requeues)
         pickle_path = Path(env.paths.submitted_pickle)
         tmp = pickle_path.with_name(pickle_path.name + ".requeue.tmp")
         delayed.dump(tmp)
         os.replace(tmp, pickle_path)
-        subprocess.run(["scontrol", "requeue", str(env.job_id)], check=True, timeout=60)
-        print(f"[lacvit launcher] {self.spec.stage}: checkpoint saved, job {env.job_id} requeued", flush=True)
-        raise SystemExit(REQUEUE_EXIT_CODE)
+        try:
+            proc = subprocess.run(["scontrol", "requeue", str(env.job_id)], capture_output=True, text=True,
+                                  timeout=60)
+            error = "" if proc.returncode == 0 else (proc.stderr.strip() or f"exit code {proc.returncode}")
+        except (OSError, subprocess.TimeoutExpired) as err:
+            error = str(err)
+        if error:
+            return {"requeued": False, "reason": f"checkpoint saved; `scontrol requeue {env.job_id}` failed "
+                    f"({error}), not counted against --max-requeues (SLURM may be requeueing "
+                    f"the job itself, e.g. on preemption); otherwise {resume}"}
+        self._add_requeue()
+        return {"requeued": True, "reason": f"checkpoint saved, job {env.job_id} requeued"}
 
     # ------------------------------------------------------------------------------------------ submitit hook
     def checkpoint(self, *args: Any, **kwargs: Any):
-        """submitit's requeue hook: the same task again (it resumes from the run folder), or None past the limit."""
+        """submitit's requeue hook (a job signalled before training started): the same task again (it resumes
+        from the run folder), or None past the limit. submitit requeues right after, so the requeue counts here."""
         import submitit
 
-        path = Path(self.spec.run_dir) / "slurm" / REQUEUES_FILE
-        counts = _read_json(path, {})
-        counts[self.spec.stage] = int(counts.get(self.spec.stage, 0)) + 1
-        _atomic_write_json(path, counts)
-        if counts[self.spec.stage] > self.spec.max_requeues:
-            print(f"[lacvit launcher] {self.spec.stage}: not requeued, {counts[self.spec.stage] - 1} requeues "
+        count = self._add_requeue()
+        if count > self.spec.max_requeues:
+            print(f"[lacvit launcher] {self.spec.stage}: not requeued, {count - 1} requeues "
                   f"already (--max-requeues {self.spec.max_requeues})", flush=True)
             return None
         return submitit.helpers.DelayedSubmission(type(self)(self.spec))
 
+    def _requeues_path(self) -> Path:
+        return Path(self.spec.run_dir) / "slurm" / REQUEUES_FILE
+
+    def _add_requeue(self) -> int:
+        """Count one requeue of this stage in <run>/slurm/requeues.json; returns the new count."""
+        path = self._requeues_path()
+        counts = _read_json(path, {})
+        counts[self.spec.stage] = int(counts.get(self.spec.stage, 0)) + 1
+        _atomic_write_json(path, counts)
+        return counts[self.spec.stage]
+
     def __repr__(self) -> str:
         return f"StageTask({self.spec.stage}, run_dir={self.spec.run_dir})"
+
+
+def _job_folder(run_dir: str) -> Path:
+    """This job's submitit folder, <run>/slurm/<job id> (the debug executor sets no SUBMITIT_FOLDER)."""
+    import submitit
+
+    env = submitit.JobEnvironment()
+    return Path(env.paths.folder) if "SUBMITIT_FOLDER" in os.environ else Path(run_dir) / "slurm" / str(env.job_id)
+
+
+def _wait_for_rank0(marker: Path, rank: int, timeout_s: float = RANK0_REQUEUE_WAIT_S) -> None:
+    """A non-zero rank after the checkpoint-and-stop: stay alive until rank 0 has tried to requeue the job."""
+    print(f"[lacvit launcher] rank {rank}: checkpoint saved, waiting for rank 0 to requeue the job", flush=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        outcome = _read_json(marker, None)
+        if outcome is not None:
+            print(f"[lacvit launcher] rank {rank}: rank 0 is done: {outcome.get('reason')}", flush=True)
+            return
+        time.sleep(0.5)
+    print(f"[lacvit launcher] rank {rank}: no word from rank 0 after {timeout_s:.0f} s ({marker} missing); "
+          f"leaving anyway", flush=True)
 
 
 def _export_world() -> dict[str, str]:
@@ -299,6 +362,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--nodes and --tasks-per-node must be >= 1, --gpus-per-node >= 0")
     if args.tasks_per_node is None:
         args.tasks_per_node = max(1, args.gpus_per_node)
+    if args.cluster == "local" and args.nodes > 1:
+        parser.error("--cluster local runs on this machine only: --nodes must be 1")
+    if args.cluster == "debug" and args.nodes * args.tasks_per_node > 1:
+        parser.error("--cluster debug runs one rank inside this process: --nodes and --tasks-per-node must be 1 "
+                     "(--cluster local runs several tasks)")
     return args
 
 
@@ -441,8 +509,6 @@ def make_executor(plan: Plan, cluster: str, job_name: str, stage: str, max_reque
                 params[f"slurm_{key}"] = getattr(res, key)
         if res.exclusive:
             params["slurm_exclusive"] = True
-    elif cluster == "local" and res.nodes > 1:
-        raise ValueError("--cluster local runs on this machine only: --nodes must be 1")
     executor.update_parameters(**params)
     return executor
 
@@ -465,7 +531,10 @@ def submit(plan: Plan, args: argparse.Namespace) -> tuple[list[dict[str, Any]], 
     for stage in plan.stages:
         dep = plan.dependency(stage)
         if args.cluster != "slurm" and dep:
-            _wait_local(jobs[dep], dep)  # no dependencies outside SLURM: run in order
+            try:
+                _wait_local(jobs[dep], dep)  # no dependencies outside SLURM: run in order
+            except RuntimeError as err:
+                raise RuntimeError(f"{err}; later stages not started") from None
         executor = make_executor(plan, args.cluster, args.job_name, stage, args.max_requeues,
                                  job_ids.get(dep) if dep and args.cluster == "slurm" else None)
         job = executor.submit(StageTask(plan.spec(stage, args.max_requeues)))
@@ -482,10 +551,35 @@ def submit(plan: Plan, args: argparse.Namespace) -> tuple[list[dict[str, Any]], 
 
 
 def _wait_local(job, stage: str) -> None:
+    """Wait for every task of a local/debug job (`results()`: a multi-task job has one result per task)."""
+    slurm_dir = Path(job.paths.folder).parent
     try:
-        job.result()
+        job.results()
     except Exception as err:  # noqa: BLE001 - the job's own error, shown to the user
-        raise RuntimeError(f"{stage} failed, later stages not started: {err}") from None
+        _record_state(slurm_dir.parent, stage, str(job.job_id), "FAILED")
+        raise RuntimeError(f"{stage} failed: {err}") from None
+    finally:
+        _remove_unformatted_folder(slurm_dir)
+    _record_state(slurm_dir.parent, stage, str(job.job_id), "COMPLETED")
+
+
+def _record_state(run_dir: Path, stage: str, job_id: str, state: str) -> None:
+    """A local/debug job's final state in jobs.json (no scheduler remembers it), shown by --status."""
+    path = run_dir / JOBS_FILE
+    data = _read_json(path, {"jobs": []})
+    for entry in data["jobs"]:
+        if (entry["stage"], entry["job_id"]) == (stage, job_id):
+            entry["state"] = state
+    _atomic_write_json(path, data)
+
+
+def _remove_unformatted_folder(slurm_dir: Path) -> None:
+    """submitit's local controller creates its log folder argument `<run>/slurm/%j` literally (it writes into
+    the formatted `<run>/slurm/<job id>/`); drop that empty folder."""
+    try:
+        (slurm_dir / "%j").rmdir()
+    except OSError:  # absent, or (unexpectedly) not empty: keep whatever is in it
+        pass
 
 
 # ============================================================================================ status
@@ -548,12 +642,13 @@ def status_text(run_dir: Path) -> str:
         raise ValueError(f"{run_dir / JOBS_FILE} not found: not a run submitted by launchers/submit.py")
     jobs = data.get("jobs", [])
     cluster = data.get("cluster", "slurm")
-    states = job_states([j["job_id"] for j in jobs]) if cluster == "slurm" else {}
+    states = job_states([j["job_id"] for j in jobs]) if cluster == "slurm" else \
+        {j["job_id"]: {"state": j.get("state", "UNKNOWN")} for j in jobs}  # recorded when the launcher's wait ended
     requeues = _read_json(run_dir / "slurm" / REQUEUES_FILE, {})
     rows = [f"run {run_dir} ({cluster}; config {data.get('config')})",
             f"{'stage':<9} {'job':<10} {'state':<12} {'exit':<6} {'elapsed':<10} {'requeues':<8} progress"]
     for job in jobs:
-        st = states.get(job["job_id"], {"state": "n/a (not slurm)"})
+        st = states.get(job["job_id"], {"state": "UNKNOWN"})
         state = st["state"] + (f" ({st['reason']})" if st.get("reason") not in (None, "", "None") else "")
         rows.append(f"{job['stage']:<9} {job['job_id']:<10} {state:<12} {st.get('exit_code', ''):<6} "
                     f"{st.get('elapsed', ''):<10} {requeues.get(job['stage'], 0):<8} "
@@ -619,9 +714,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.wait or args.cluster != "slurm":
         for entry in entries:
             try:
-                jobs[entry["stage"]].result()
-            except Exception as err:  # noqa: BLE001
-                print(f"{entry['stage']} failed: {err}", file=sys.stderr)
+                _wait_local(jobs[entry["stage"]], entry["stage"])
+            except RuntimeError as err:
+                print(f"submit: {err}", file=sys.stderr)
                 return 1
         print(status_text(plan.run_dir))
     return 0

@@ -3,7 +3,8 @@
 
 * stage 1 then stage 2 (afterok dependency) in one run folder, both COMPLETED, every test sample counted;
 * `--status` lists both jobs; `--dry-run` prints sbatch scripts with every option and the dependency;
-* SIGUSR1 during training: checkpoint, exit 75, requeue through StageTask.checkpoint(), resume, finish.
+* SIGUSR1 during training: checkpoint, exit 75, rank 0 requeues (rank 1 waits for it), resume, finish;
+* a failing `scontrol requeue` is logged, not counted against --max-requeues, and the task still exits 75.
 
 Without SLURM (or without root) the cluster tests are skipped, except under CI=true where they fail.
 """
@@ -48,6 +49,11 @@ def job_logs(run_dir: Path, lines: int = 40) -> str:
         text = log.read_text(errors="replace").splitlines()[-lines:]
         out.append(f"---- {log}\n" + "\n".join(text))
     return "\n".join(out) or f"(no job logs under {run_dir / 'slurm'})"
+
+
+def cluster_logs(run_dir: Path, cluster) -> str:
+    """Job logs plus slurmctld's and slurmd's (why a job failed to launch is only written there)."""
+    return f"{job_logs(run_dir)}\n{local_cluster.daemon_logs(cluster.dir)}"
 
 
 def jobs_of(run_dir: Path) -> dict[str, str]:
@@ -96,18 +102,19 @@ def two_stage_run(slurm_cluster, digits_root, tmp_path_factory) -> Path:
     proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "stage2", "--output-dir", str(out),
                   "--run-name", "two", "--wait", "--wait-timeout-min", "4", f"data.root={digits_root}", *TINY)
     run_dir = out / "two"
-    assert proc.returncode == 0, f"submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{job_logs(run_dir)}"
+    assert proc.returncode == 0, \
+        f"submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{cluster_logs(run_dir, slurm_cluster)}"
     return run_dir
 
 
 # ----------------------------------------------------------------------------------------------- tests
 
-def test_two_stage_run_on_slurm(two_stage_run, digits_root):
+def test_two_stage_run_on_slurm(two_stage_run, digits_root, slurm_cluster):
     run_dir = two_stage_run
     jobs = jobs_of(run_dir)
     assert set(jobs) == {"stage1", "stage2"}
     states = slurm_jobs.job_states(list(jobs.values()))
-    assert all(s["state"] == "COMPLETED" for s in states.values()), f"{states}\n{job_logs(run_dir)}"
+    assert all(s["state"] == "COMPLETED" for s in states.values()), f"{states}\n{cluster_logs(run_dir, slurm_cluster)}"
     entries = json.loads((run_dir / "jobs.json").read_text())["jobs"]
     assert entries[1]["depends_on"] == jobs["stage1"]  # stage 2 waited for stage 1 (afterok)
     submission = next((run_dir / "slurm" / jobs["stage2"]).glob("*_submission.sh")).read_text()
@@ -205,35 +212,77 @@ def test_signal_checkpoints_requeues_and_resumes(slurm_cluster, digits_root, tmp
     run_dir = tmp_path / "rq"
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = jobs_of(run_dir)["stage1"]
-    logs = [run_dir / "slurm" / job_id / f"{job_id}_0_log.{kind}" for kind in ("out", "err")]
+    job_dir = run_dir / "slurm" / job_id
 
-    def rank0_log() -> str:
-        return "".join(p.read_text(errors="replace") for p in logs if p.exists())
-
-    def logged(pattern: str) -> bool:
-        return re.search(pattern, rank0_log()) is not None
+    def rank_log(rank: int) -> str:
+        return "".join(p.read_text(errors="replace") for p in job_dir.glob(f"{job_id}_{rank}_log.*"))
 
     def state() -> dict[str, str]:
         return slurm_jobs.job_states([job_id])[job_id]
 
-    wait_until(lambda: logged(rf"step (1\d|[2-9]\d|1\d\d)/{steps}\b"), 120, "stage 1 to train 10 steps",
-               lambda: job_logs(run_dir))
-    assert state()["state"] == "RUNNING", job_logs(run_dir)
+    def details() -> str:
+        return f"{state()}\n{cluster_logs(run_dir, slurm_cluster)}"
+
+    wait_until(lambda: re.search(rf"step (1\d|[2-9]\d|1\d\d)/{steps}\b", rank_log(0)), 120,
+               "stage 1 to train 10 steps", details)
+    assert state()["state"] == "RUNNING", details()
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)  # what SLURM sends before the limit
 
-    wait_until(lambda: int(state().get("restarts", "0")) >= 1 and state()["state"] in ("PENDING", "RUNNING"), 90,
-               "the job to be requeued", lambda: f"{state()}\n{job_logs(run_dir)}")
-    # slurmctld holds a requeued job back for ~2 minutes (Reason=BeginTime, set once the old run has finished
-    # COMPLETING); release it now to keep the test short.
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=30)
-    wait_until(lambda: state()["state"] in slurm_jobs.TERMINAL_STATES, 180, "the requeued job to finish",
-               lambda: f"{state()}\n{job_logs(run_dir)}")
-    assert state()["state"] == "COMPLETED", f"{state()}\n{job_logs(run_dir)}"
+    wait_until(lambda: int(state().get("restarts", "0")) >= 1, 90, "the job to be requeued", details)
+    # No StartTime override: slurmctld holds the requeued job until its old launch credentials expire
+    # (AuthInfo=cred_expire in the test cluster); releasing it earlier makes slurmd refuse the launch.
+    wait_until(lambda: state()["state"] in slurm_jobs.TERMINAL_STATES, 240, "the requeued job to finish", details)
+    assert state()["state"] == "COMPLETED", details()
 
     assert json.loads((run_dir / "slurm" / "requeues.json").read_text()) == {"stage1": 1}
-    text = rank0_log()
-    assert re.search(r"stop requested .* exiting with code 75", text), job_logs(run_dir)
+    assert json.loads((job_dir / "requeue_0.json").read_text())["requeued"] is True, details()
+    text = rank_log(0)
+    assert re.search(r"stop requested .* exiting with code 75", text), details()
+    # rank 1 stayed until rank 0 had requeued the job
+    assert re.search(rf"rank 1: rank 0 is done: checkpoint saved, job {job_id} requeued", rank_log(1)), details()
     match = re.search(rf"resumed from \S+ at step (\d+)/{steps}", text)
-    assert match and 10 <= int(match.group(1)) < steps, job_logs(run_dir)  # continued, did not start over
+    assert match and 10 <= int(match.group(1)) < steps, details()  # continued, did not start over
     results = json.loads((run_dir / "stage1" / "results.json").read_text())
     assert results["steps"] == steps and results["world_size"] == 2
+
+
+def test_failed_requeue_is_not_counted_and_other_ranks_wait_for_rank0(slurm_cluster, tmp_path, monkeypatch):
+    """`scontrol requeue` of a job slurmctld does not know fails (as it does for a job SLURM is already
+    requeueing): rank 0 logs it, does not count it against --max-requeues and still exits 75; rank 1 waits
+    for rank 0 before it exits."""
+    job_id = "987654"  # never reached by the test cluster's job ids
+    run_dir = tmp_path / "run"
+    (run_dir / "slurm" / job_id).mkdir(parents=True)  # submitit's job folder, as sbatch found it
+    spec = slurm_jobs.StageSpec(stage="stage1", config=str(CONFIG), overrides=(), run_dir=str(run_dir),
+                                cwd=str(REPO), max_requeues=1, timeout_min=10)
+    job_env = {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(run_dir / "slurm" / "%j"),
+               "SLURM_JOB_ID": job_id, "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1"}
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from launchers import slurm_jobs as s; "
+            f"s.StageTask(s.StageSpec(**{spec.__dict__!r}))._requeue_after_checkpoint(1)")
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_RESTART_COUNT"}
+    rank1 = subprocess.Popen([sys.executable, "-c", code, str(REPO)], env={**env, **job_env, "SLURM_PROCID": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = rank1.stdout.readline()
+        assert "rank 1: checkpoint saved, waiting for rank 0" in first, first + rank1.stdout.read()
+        time.sleep(1.0)
+        assert rank1.poll() is None, "rank 1 left before rank 0 requeued"
+
+        monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+        for key, value in {**job_env, "SLURM_PROCID": "0"}.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(SystemExit) as exit_:
+            slurm_jobs.StageTask(spec)._requeue_after_checkpoint(0)
+        assert exit_.value.code == slurm_jobs.REQUEUE_EXIT_CODE
+        assert rank1.wait(timeout=30) == slurm_jobs.REQUEUE_EXIT_CODE
+    finally:
+        if rank1.poll() is None:
+            rank1.kill()
+    rest = rank1.stdout.read()
+    assert f"rank 1: rank 0 is done: checkpoint saved; `scontrol requeue {job_id}` failed" in rest, rest
+
+    outcome = json.loads((run_dir / "slurm" / job_id / "requeue_0.json").read_text())
+    assert outcome["requeued"] is False and "not counted against --max-requeues" in outcome["reason"]
+    assert not (run_dir / "slurm" / "requeues.json").exists()  # nothing counted: the budget (1) is untouched
+    resubmission = pickle.loads((run_dir / "slurm" / job_id / f"{job_id}_submitted.pkl").read_bytes())
+    assert resubmission.function.spec == spec  # what the requeued job would run
