@@ -36,6 +36,19 @@ def _check_count(samples: int, expected: int, where: str) -> None:
         raise RuntimeError(f"evaluation of {where} saw {samples} samples, the split has {expected}")
 
 
+def skipped_in_bank(skipped: dict[str, int], bank_samples: int, split_samples: int, where: str) -> dict[str, int]:
+    """The kNN bank reads the train split under the training policy (data.on_bad_sample=skip): every sample of
+    it was embedded or skipped and counted. Returns the skipped samples per kind, summed over ranks (a
+    collective: every rank calls it)."""
+    kinds = sorted(skipped)
+    local = torch.tensor([float(skipped[kind]) for kind in kinds], dtype=torch.float64)
+    totals = [int(v) for v in dist_utils.all_reduce_sum(local.to(dist_utils.collective_device())).tolist()]
+    if bank_samples + sum(totals) != split_samples:
+        raise RuntimeError(f"evaluation of {where} embedded {bank_samples} samples and skipped {sum(totals)} bad "
+                           f"ones, the split has {split_samples}")
+    return dict(zip(kinds, totals))
+
+
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, batches: Iterable, device: torch.device, dtype: torch.dtype,
                         num_classes: int, expected_samples: int, where: str) -> dict:
@@ -77,11 +90,13 @@ def embed_split(encode: Callable[[torch.Tensor], dict[str, torch.Tensor]], batch
 
 def evaluate_embeddings(encode: Callable[[torch.Tensor], dict[str, torch.Tensor]], bank_batches: Iterable,
                         query_batches: Iterable, device: torch.device, dtype: torch.dtype, num_classes: int,
-                        expected: tuple[int, int], where: str,
-                        k: int = 20) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+                        expected: tuple[int | None, int], where: str, k: int = 20,
+                        bank_where: str | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """kNN accuracy of the "backbone" embeddings (bank: every training sample, gathered on every rank;
     queries: this rank's share of the val split, correct counts summed) and embedding health of the gathered
-    val embeddings, per embedding name ("backbone/isotropy", "projection/mean_cosine", ...).
+    val embeddings, per embedding name ("backbone/isotropy", "projection/mean_cosine", ...). `where` names the
+    query split, `bank_where` the bank's; expected = (bank samples or None when the caller checks them, e.g.
+    against skipped bad samples; query samples). "bank_samples" in the results: the bank's size.
 
     Also returns the gathered query embeddings by name, plus "labels", for plots and the projector."""
     bank, bank_labels = embed_split(encode, bank_batches, device, dtype)
@@ -91,9 +106,10 @@ def evaluate_embeddings(encode: Callable[[torch.Tensor], dict[str, torch.Tensor]
     correct = knn_correct(bank, bank_labels, query["backbone"], query_labels, k=k, num_classes=num_classes)
     correct, queries = dist_utils.all_reduce_sum(
         torch.stack([correct.double(), torch.tensor(float(len(query_labels)), device=device, dtype=torch.float64)]))
-    _check_count(len(bank_labels), expected[0], f"{where} (kNN bank)")
+    if expected[0] is not None:
+        _check_count(len(bank_labels), expected[0], bank_where or f"the kNN bank of {where}")
     _check_count(int(queries), expected[1], where)
-    results = {"knn_top1": float(correct / queries), "samples": int(queries)}
+    results = {"knn_top1": float(correct / queries), "samples": int(queries), "bank_samples": len(bank_labels)}
     gathered = {name: dist_utils.all_gather_variable(values) for name, values in query.items()}
     gathered["labels"] = dist_utils.all_gather_variable(query_labels)
     for name, values in query.items():

@@ -21,7 +21,12 @@ import io
 import itertools
 import logging
 import math
+import multiprocessing
+import os
 import random
+import select
+import threading
+import time
 import warnings
 from typing import Callable, Iterable, Iterator, Literal, NamedTuple
 
@@ -40,9 +45,10 @@ log = logging.getLogger(__name__)
 
 
 class BadSampleError(ValueError):
-    """A sample in a shard cannot be used; the message names the shard and the key, `kind` says why."""
+    """A sample (or the rest of a shard) cannot be used; the message names split, shard and key, `kind` says why.
+    Built from the message alone it is still itself: a DataLoader worker's error reaches the caller unchanged."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, message: str, kind: str = "unknown"):
         super().__init__(message)
         self.kind = kind
 
@@ -55,7 +61,8 @@ class FiniteEpochError(ValueError):
 
 
 def _where(sample: dict) -> str:
-    return f"shard {sample.get('__url__', '?')}, key {sample.get('__key__', '?')}"
+    split = f"split {sample['__split__']!r}, " if "__split__" in sample else ""
+    return f"{split}shard {sample.get('__url__', '?')}, key {sample.get('__key__', '?')}"
 
 
 def decode_rgb(data: bytes) -> Image.Image:
@@ -71,10 +78,10 @@ def _label(sample: dict, num_classes: int) -> int:
     try:
         label = int(raw.decode() if isinstance(raw, bytes) else raw)
     except (TypeError, ValueError):
-        raise BadSampleError("bad_label", f"{_where(sample)}: label 'cls' is missing or not an integer: "
-                                          f"{raw!r}") from None
+        raise BadSampleError(f"{_where(sample)}: label 'cls' is missing or not an integer: {raw!r}",
+                             "bad_label") from None
     if not 0 <= label < num_classes:
-        raise BadSampleError("label_out_of_range", f"{_where(sample)}: label {label} outside [0, {num_classes})")
+        raise BadSampleError(f"{_where(sample)}: label {label} outside [0, {num_classes})", "label_out_of_range")
     return label
 
 
@@ -82,27 +89,28 @@ def _to_example(sample: dict, num_classes: int, transform: Callable) -> tuple:
     """Raw webdataset sample -> (transformed image, label, key), with errors that name shard and key."""
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
-        raise BadSampleError("no_image", f"{_where(sample)}: no image (expected one of {IMAGE_KEYS}), "
-                                         f"has {sorted(sample)}")
+        raise BadSampleError(f"{_where(sample)}: no image (expected one of {IMAGE_KEYS}), has {sorted(sample)}",
+                             "no_image")
     try:
         image = decode_rgb(sample[image_key])
     except Exception as err:  # PIL raises several types for corrupt data
-        raise BadSampleError("undecodable_image", f"{_where(sample)}: cannot decode {image_key} image: {err}") from err
+        raise BadSampleError(f"{_where(sample)}: cannot decode {image_key} image: {err}", "undecodable_image") from err
     label = _label(sample, num_classes)
     return transform(image), label, sample["__key__"]
 
 
 class BadSamples:
-    """Per-worker tally of skipped samples (training with on_bad_sample="skip"); each batch carries a snapshot
-    so that the trainer can log them. In "error" mode the first bad sample stops the run."""
+    """Per-worker tally of skipped samples, in samples per kind (reads of the train split with
+    on_bad_sample="skip"); each batch carries a snapshot so that the trainer can log them. In "error" mode the
+    first bad sample stops the run."""
 
     def __init__(self, skip: bool):
         self.skip = skip
         self.counts = dict.fromkeys(BAD_SAMPLE_KINDS, 0)
         self.warned = 0
 
-    def skipped(self, kind: str, message: str) -> None:
-        self.counts[kind] += 1
+    def skipped(self, kind: str, message: str, samples: int = 1) -> None:
+        self.counts[kind] += samples
         if self.warned < 10:  # the counts, not the log, carry the rest
             self.warned += 1
             warnings.warn(f"skipped bad sample ({kind}): {message}")
@@ -113,12 +121,36 @@ class BadSamples:
             raise err
         self.skipped(err.kind, str(err))
 
-    def tar_error(self, exn: Exception) -> bool:
-        """webdataset handler for tar-level errors (truncated or corrupt tar): count and go on, or raise."""
-        if not self.skip:
-            raise BadSampleError("unreadable_tar", f"cannot read shard: {exn!r}") from exn
-        self.skipped("unreadable_tar", repr(exn))
-        return True
+
+def _read_shards(sources: Iterable[dict], split: SplitInfo, bad: BadSamples,
+                 count_lost: bool = True) -> Iterator[dict]:
+    """The samples of each shard ({"url": ...} sources), tagged with the split's name for error messages.
+
+    A shard that ends before the number of samples `_info.json` lists for it is unreadable: tarfile stops
+    without a word at a tar cut between two members, and webdataset's handler sees only the cuts inside one.
+    Its missing samples are counted as "unreadable_tar" (skip mode; only if `count_lost`, when several readers
+    share the shard) or stop the read with an error naming split and shard."""
+    listed = dict(zip(split.filenames, split.shard_lengths))
+    for source in sources:
+        url, errors, read = source["url"], [], 0
+
+        def note(exn: Exception) -> bool:  # decided once the shard has ended: how many samples it lost
+            errors.append(exn)
+            return True
+
+        for sample in wds.tarfile_to_samples(handler=note)(iter([dict(source)])):
+            sample["__split__"] = split.name
+            read += 1
+            yield sample
+        lost = listed.get(url, read) - read
+        if lost > 0 or errors:
+            message = (f"split {split.name!r}, shard {url}: unreadable tar, read {read} of the {read + lost} samples "
+                       f"{'_info.json lists' if url in listed else 'expected'}"
+                       + (f" ({errors[0]})" if errors else " (cut short?)"))
+            if not bad.skip:
+                raise BadSampleError(message, "unreadable_tar")
+            if count_lost:
+                bad.skipped("unreadable_tar", message, max(0, lost))
 
 
 class Batch(NamedTuple):
@@ -224,7 +256,7 @@ def _examples(units: Iterable[tuple[int, list[dict]]], stream_seed: int, num_cla
 class _StreamSpec(NamedTuple):
     """What every stream of a rank shares (picklable: it travels to the DataLoader workers)."""
 
-    filenames: tuple[str, ...]
+    split: SplitInfo
     num_classes: int
     transform: Callable
     batch_size: int
@@ -294,7 +326,7 @@ def _epoch_shards(filenames: tuple[str, ...], seed: int, epoch: int, rank: int, 
     return order[rank::world_size][role::workers]
 
 
-def _read_passes(shards: list[str], epoch_seed: int, bufsize: int, bad: BadSamples,
+def _read_passes(shards: list[str], split: SplitInfo, epoch_seed: int, bufsize: int, bad: BadSamples,
                  where: str) -> Iterator[dict]:
     """The epoch's shuffled samples, then (only if pulled: bad samples left the stream short of its planned
     batches) one more pass, so that every rank still yields the same number of batches."""
@@ -302,7 +334,7 @@ def _read_passes(shards: list[str], epoch_seed: int, bufsize: int, bad: BadSampl
         if fill_pass:
             warnings.warn(f"{where}: bad samples left too few good ones for the epoch's batches; reading its "
                           f"shards a second time to fill them (some samples are seen twice this epoch)")
-        raw = wds.tarfile_to_samples(handler=bad.tar_error)(iter([{"url": url} for url in shards]))
+        raw = _read_shards(iter([{"url": url} for url in shards]), split, bad)
         yield from _shuffled(raw, wds.utils.make_seed(epoch_seed, fill_pass), bufsize)
 
 
@@ -315,9 +347,9 @@ def _finite_stream(spec: _StreamSpec, plan: FiniteEpochPlan, role: _StreamRole,
     for epoch in itertools.count(epoch):
         where = f"epoch {epoch}, rank {spec.rank}, stream {role_id}"
         epoch_seed = wds.utils.make_seed(role.stream_seed(), epoch)
-        shards = _epoch_shards(spec.filenames, spec.seed, epoch, spec.rank, spec.world_size, role_id, workers)
-        units = _units(_read_passes(shards, epoch_seed, spec.shuffle_buffer, bad, where), spec.group_size,
-                       spec.num_classes, bad)
+        shards = _epoch_shards(spec.split.filenames, spec.seed, epoch, spec.rank, spec.world_size, role_id, workers)
+        units = _units(_read_passes(shards, spec.split, epoch_seed, spec.shuffle_buffer, bad, where),
+                       spec.group_size, spec.num_classes, bad)
         numbered = _numbered(units, spec.group_size, skip_batches * spec.batch_size // spec.group_size)
         wanted = (plan.batches_per_stream - skip_batches) * spec.batch_size
         produced = 0
@@ -360,7 +392,7 @@ def train_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_
                          f"class_aware_m + 1 ({group_size}), with class_aware_m >= 0")
     env_rank, env_world, _, _ = wds.utils.pytorch_worker_info()
     rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
-    spec = _StreamSpec(tuple(split.filenames), num_classes, transform, batch_size, group_size, shuffle_buffer,
+    spec = _StreamSpec(split, num_classes, transform, batch_size, group_size, shuffle_buffer,
                        seed, rank, world_size)
     role = _StreamRole(seed, start_batch, rank)
     bad = BadSamples(skip_bad_samples)
@@ -372,7 +404,7 @@ def train_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_
     else:
         stages = [wds.ResampledShards(list(split.filenames), seed=seed, deterministic=True,
                                       worker_seed=role.stream_seed),
-                  wds.tarfile_to_samples(handler=bad.tar_error),
+                  functools.partial(_read_shards, split=split, bad=bad),
                   functools.partial(_resampled_stream, spec=spec, role=role, bad=bad)]
     pipeline = wds.DataPipeline(
         *stages,
@@ -380,33 +412,123 @@ def train_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_
         wds.map(functools.partial(_with_tally, role=role, bad=bad)),
     )
     loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(), **worker_start(num_workers))
     return iter(loader)
 
 
-def _stride(samples: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
-    """Keep sample i when i % (world x workers) is this rank-worker's slot, before any decoding."""
+def _eval_samples(sources: Iterable[dict], split: SplitInfo, bad: BadSamples, rank: int,
+                  world_size: int) -> Iterator[dict]:
+    """Keep sample i when i % (world x workers) is this rank-worker's slot, before any decoding. Every
+    rank-worker reads the whole split, so the samples an unreadable shard lost are counted by slot 0 alone."""
     info = get_worker_info()
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     slot, slots = rank * workers + worker, world_size * workers
-    for index, sample in enumerate(samples):
+    for index, sample in enumerate(_read_shards(sources, split, bad, count_lost=slot == 0)):
         if index % slots == slot:  # a sample is decoded only by the rank-worker that owns it
             yield sample
 
 
+def _eval_examples(samples: Iterable[dict], num_classes: int, transform: Callable,
+                   bad: BadSamples) -> Iterator[tuple]:
+    for sample in samples:
+        try:
+            yield _to_example(sample, num_classes, transform)
+        except BadSampleError as err:
+            bad.handle(err)
+
+
+def _tallied(batches: Iterable[tuple], bad: BadSamples) -> Iterator[tuple]:
+    """Each batch with (worker, its skipped-sample counts so far); then, if samples were skipped after the
+    last batch, an empty batch that carries the final counts."""
+    info = get_worker_info()
+    worker, sent = (info.id if info is not None else 0), dict(bad.counts)
+    for batch in batches:
+        sent = dict(bad.counts)
+        yield (*batch, (worker, sent))
+    if bad.counts != sent:
+        yield torch.zeros(0), torch.zeros(0, dtype=torch.long), [], (worker, dict(bad.counts))
+
+
+class EvalPass:
+    """One pass over a split per iteration, as (images, labels, keys) batches; afterwards `skipped` holds the
+    bad samples this rank skipped, per kind (all zero in strict mode, where the first one raises)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.skipped = dict.fromkeys(BAD_SAMPLE_KINDS, 0)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        per_worker: dict[int, dict[str, int]] = {}
+        self.skipped = dict.fromkeys(BAD_SAMPLE_KINDS, 0)
+        for images, labels, keys, (worker, counts) in self.loader:
+            per_worker[worker] = counts
+            self.skipped = {kind: sum(c[kind] for c in per_worker.values()) for kind in BAD_SAMPLE_KINDS}
+            if keys:
+                yield images, labels, keys
+
+
 def eval_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_size: int, *, rank: int,
-                world_size: int, num_workers: int) -> DataLoader:
-    """One pass over the split; across ranks and workers every sample is seen exactly once. Strict: a bad
-    sample stops the evaluation (naming shard and key) rather than silently shrinking the test set.
+                world_size: int, num_workers: int, skip_bad_samples: bool = False) -> EvalPass:
+    """One pass over the split; across ranks and workers every sample is seen exactly once. Strict by default:
+    a bad sample or an unreadable shard stops the evaluation (naming split, shard and key) rather than silently
+    shrinking the split. skip_bad_samples=True (reads of the train split, e.g. the kNN bank, under
+    data.on_bad_sample=skip): skipped and counted in the pass's `skipped`, as training does.
 
     Every rank-worker reads the split's tar bytes but decodes only its own 1/(world x workers) of them:
     exact for any split size, any number of shards, any world size.
     """
+    bad = BadSamples(skip_bad_samples)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(split.filenames)),
-        wds.tarfile_to_samples(handler=BadSamples(skip=False).tar_error),
-        functools.partial(_stride, rank=rank, world_size=world_size),
-        wds.map(functools.partial(_to_example, num_classes=num_classes, transform=transform)),
+        functools.partial(_eval_samples, split=split, bad=bad, rank=rank, world_size=world_size),
+        functools.partial(_eval_examples, num_classes=num_classes, transform=transform, bad=bad),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
+        functools.partial(_tallied, bad=bad),
     )
-    return DataLoader(pipeline, batch_size=None, num_workers=num_workers)
+    return EvalPass(DataLoader(pipeline, batch_size=None, num_workers=num_workers, **worker_start(num_workers)))
+
+
+# Imported once by the fork server, so that each worker it forks has them already.
+_WORKER_PRELOAD = ["__main__", __name__, "lacvit_dist.data.transforms"]
+
+
+def worker_start(num_workers: int) -> dict:
+    """DataLoader arguments that start workers from a fork server, never by forking this process.
+
+    This process runs threads (DeepSpeed, gloo, TensorBoard, pin-memory); CPython before 3.11.8 / 3.12.1 can
+    deadlock a child forked while another thread holds the interpreter's thread-list lock (gh-112275), and
+    evaluation forks fresh workers every time. The fork server is a fresh single-threaded interpreter, started
+    once per process (exec'd, so the bug cannot reach it; ~4 s on 2 loaded cores with the imports above);
+    each worker it forks then costs what a plain fork does. Platforms without it spawn (never fork)."""
+    if num_workers == 0:
+        return {}
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("spawn")
+    else:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_WORKER_PRELOAD)  # takes effect when the server starts (first use)
+    return {"multiprocessing_context": context, "worker_init_fn": functools.partial(_exit_with, os.getpid())}
+
+
+def _exit_with(trainer: int, worker_id: int) -> None:
+    """Exit this worker when the trainer process ends, however it ends (kill -9, OOM killer). torch's own check
+    watches the worker's parent, which is the fork server here, and the server lives while a worker does."""
+    try:
+        handle = os.pidfd_open(trainer)  # readable once the process has ended (Linux >= 5.3)
+    except (AttributeError, OSError):
+        handle = None
+
+    def watch() -> None:
+        while True:
+            if handle is not None:
+                select.select([handle], [], [])
+            else:  # poll; a trainer that is a zombie still counts as alive until reaped
+                time.sleep(2)
+                try:
+                    os.kill(trainer, 0)
+                    continue
+                except ProcessLookupError:
+                    pass
+            os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-with-{trainer}", daemon=True).start()
