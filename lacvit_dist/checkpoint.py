@@ -29,12 +29,14 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+
+from .config import Config, deep_merge, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,58 @@ def write_json(data: dict[str, Any], path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     _atomic_replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The settings that shaped a stage's result (a restart skips a finished stage only if they still hold)
+# ---------------------------------------------------------------------------------------------------------
+
+# Compared for every stage: run.seed and the model, data and deepspeed sections, and the stage's own section,
+# except the keys below, which change how a run executes, logs or checkpoints but not what it computes:
+# activation checkpointing (identical gradients, tests/test_models.py), the communication backend,
+# torch.compile (same graph), permission for pipe: URLs, and the stage's logging interval. Data workers, the
+# shuffle buffer and the evaluation interval do count: the training stream and the RNG stream depend on them.
+_NOT_SHAPING = ("model.activation_checkpointing", "model.checkpoint_offload", "data.allow_pipe_urls",
+                "deepspeed.backend", "deepspeed.compile", "deepspeed.compile_backend")
+_STAGE1_ONLY = ("model.proj_hidden_dim", "model.proj_dim")  # the projection head exists in stage 1 only
+
+
+def flatten_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'overrides': {'depth': 2}}} -> {'model.overrides.depth': 2}; values JSON-normalised (lists,
+    not tuples), so that a config and one read back from JSON compare equal."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):  # an empty mapping (no model.overrides) adds no key
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.loads(json.dumps(value))
+    return flat
+
+
+def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The settings that shaped `stage`'s result, as dotted keys, from a config dict (`to_dict(cfg)`, or the
+    one recorded in a stage's manifest)."""
+    flat = flatten_settings({key: config.get(key, {}) for key in ("model", "data", "deepspeed", stage)})
+    flat["run.seed"] = config.get("run", {}).get("seed")
+    ignored = _NOT_SHAPING + (f"{stage}.log_every_steps",) + (() if stage == "stage1" else _STAGE1_ONLY)
+    return {key: value for key, value in flat.items() if key not in ignored}
+
+
+def changed_settings(recorded: dict[str, Any], cfg: Config, stage: str) -> list[str]:
+    """The settings that shaped `stage` in a `recorded` config (`to_dict` of the config that ran, read back from
+    a manifest or checkpoint) which `cfg` changes, as 'key: recorded -> now'. A key the recorded config lacks
+    (added to the schema later) counts at its default."""
+    recorded = deep_merge(to_dict(Config()), recorded)
+    return settings_differences(stage_settings(recorded, stage), stage_settings(to_dict(cfg), stage))
+
+
+_UNSET = "(not set)"
+
+
+def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: recorded -> current' for every dotted key whose value differs (or is set on one side only)."""
+    return [f"{key}: {json.dumps(recorded.get(key, _UNSET))} -> {json.dumps(current.get(key, _UNSET))}"
+            for key in sorted(set(recorded) | set(current)) if recorded.get(key, _UNSET) != current.get(key, _UNSET)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,12 +321,43 @@ def find_latest(ckpt_dir: str | Path) -> str | None:
 def find_latest_everywhere(ckpt_dir: str | Path) -> str | None:
     """`find_latest` decided by rank 0 and broadcast, so every rank resumes from the same tag even if their
     views of a shared file system differ for a moment. A collective: every rank must call it."""
-    tag = find_latest(ckpt_dir) if _rank() == 0 else None
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [tag]
-        dist.broadcast_object_list(box, src=0)
-        tag = box[0]
-    return tag
+    return rank0_decides(lambda: find_latest(ckpt_dir))
+
+
+T = TypeVar("T")
+
+
+def _picklable(exc: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - sent as text instead
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def rank0_decides(decide: Callable[[], T]) -> T:
+    """Run `decide()` on rank 0 only and hand its result, or the exception it raised, to every rank.
+
+    For decisions every rank must take alike (stage finished? backbone present? which checkpoint?): ranks that
+    each read a shared file system can see different things for a while (NFS attribute caches, a file written
+    a moment ago), and ranks that take different branches deadlock in their next collective. A collective:
+    every rank must call it; every rank raises if `decide` raised."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return decide()
+    box: list[Any] = [None]
+    error: Exception | None = None
+    if _rank() == 0:
+        try:
+            box = [("ok", decide())]
+        except Exception as exc:  # noqa: BLE001 - every rank raises it below, not only rank 0
+            error, box = exc, [("error", _picklable(exc))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
 
 
 def load_training_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
@@ -282,11 +367,17 @@ def load_training_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> dict[str
     DeepSpeed's ZeRO-1/2/3 optimizer partitions are per data-parallel rank: resume with the same world size
     (DeepSpeed's universal checkpoint conversion is the tool for changing it)."""
     tag_dir = Path(ckpt_dir) / tag
+    problem = None
     if not tag_dir.is_dir():
-        raise CheckpointError(f"checkpoint folder {tag_dir} does not exist")
-    if not is_complete(ckpt_dir, tag):
-        raise CheckpointError(f"checkpoint folder {tag_dir} is incomplete (no {COMPLETE_MARKER}: its save did "
-                              "not finish); refusing to resume from it")
+        problem = "does not exist"
+    elif not is_complete(ckpt_dir, tag):
+        problem = f"is incomplete (no {COMPLETE_MARKER}: its save did not finish)"
+    # Every rank reads its own files, but all stop together if any rank cannot: one rank failing alone would
+    # leave the others waiting in DeepSpeed's collectives until the process-group timeout.
+    problems = _gather_objects(problem)
+    if any(problems):
+        where = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
+        raise CheckpointError(f"checkpoint folder {tag_dir} cannot be resumed from ({where})")
     try:
         load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
@@ -320,16 +411,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order, on every rank (a collective; [obj] in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's `rng_state()`, in rank order, on every rank (a collective). DeepSpeed saves client_state
     only once (data-parallel rank 0), so per-rank streams must travel as this list; restore with
     `set_rng_state(states[rank])`."""
-    mine = rng_state()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [mine]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
+    return _gather_objects(rng_state())
 
 
 # ---------------------------------------------------------------------------------------------------------

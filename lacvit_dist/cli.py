@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import distributed as dist_utils
+from .checkpoint import changed_settings, rank0_decides
 from .config import Config, ConfigError, load_config, save_config
 from .data.shards import load_info
 from .engine import StopRequested, train_stage
@@ -35,23 +36,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def set_threads(world: dist_utils.WorldInfo) -> None:
-    """The deepspeed launcher does not set OMP_NUM_THREADS: share the cores between the local ranks."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
-                or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-
-
-def resolve_device(cfg: Config) -> str:
-    if cfg.run.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.run.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device: cuda requested but no GPU is visible")
-    return cfg.run.device
-
-
 def run(cfg: Config) -> dict[str, dict[str, Any]]:
     """Run cfg.run.stages in order inside an initialised process group; returns results per stage."""
     info = load_info(cfg.data.root, allow_pipe_urls=cfg.data.allow_pipe_urls)
@@ -63,26 +47,77 @@ def run(cfg: Config) -> dict[str, dict[str, Any]]:
                                     else f"config.restart-{time.strftime('%Y%m%d-%H%M%S')}.yaml"))
     results: dict[str, dict[str, Any]] = {}
     for name in cfg.run.stages:
-        finished = run_dir / name / "results.json"
-        if finished.exists():  # a restarted job: never redo (or overwrite) a finished stage
-            results[name] = json.loads(finished.read_text())
-            log.info("%s: already finished in %s, skipped", name, finished.parent)
+        plan = decide_stage(cfg, name, run_dir, results)
+        if "finished" in plan:
+            results[name] = plan["finished"]
             continue
         torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
         if name == "stage1":
             task = Stage1Contrastive(cfg, info.num_classes)
         elif name == "stage2":
-            backbone = cfg.stage2.backbone_path or results.get("stage1", {}).get("export") \
-                or str(run_dir / "stage1" / "backbone.safetensors")
-            if not Path(backbone).is_file():
-                raise ConfigError(f"stage2.backbone_path: {backbone} does not exist (run stage1 first, or set it)")
-            task = Stage2Linear(cfg, info.num_classes, backbone)
+            task = Stage2Linear(cfg, info.num_classes, plan["backbone"])
         else:
             task = BaselineFinetune(cfg, info.num_classes)
         results[name] = train_stage(cfg, task, info, run_dir / name)
         if dist_utils.rank() == 0:
             write_summary(results, run_dir / "summary.csv")
     return results
+
+
+def decide_stage(cfg: Config, name: str, run_dir: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What every rank does about stage `name`, decided by rank 0 from its view of `run_dir` and broadcast
+    (ranks reading a shared file system each for themselves may disagree, and then deadlock): {"finished":
+    its results} to skip it, {"backbone": path} to train stage 2 on that file, {} to train. A collective; a
+    refusal (ConfigError) is raised on every rank."""
+    return rank0_decides(lambda: _decide_stage(cfg, name, run_dir, results))
+
+
+def _decide_stage(cfg: Config, name: str, run_dir: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    stage_dir = run_dir / name
+    finished = stage_dir / "results.json"
+    if finished.exists():  # a restarted job: never redo (or overwrite) a finished stage
+        try:
+            recorded = json.loads(finished.read_text())
+        except ValueError as err:
+            raise ConfigError(f"run.name: {finished} is not readable JSON ({err}); move {stage_dir} away to "
+                              f"redo {name}") from None
+        differences = finished_stage_differences(cfg, name, stage_dir, recorded)
+        if differences and not cfg.run.reuse_finished_stages:
+            raise ConfigError(_changed_settings_message(name, run_dir, differences))
+        if differences:
+            log.warning("%s: already finished in %s with other settings (%s); kept as it is because "
+                        "run.reuse_finished_stages is true", name, stage_dir, "; ".join(differences))
+        else:
+            log.info("%s: already finished in %s with the same settings, skipped", name, stage_dir)
+        return {"finished": recorded}
+    if name != "stage2":
+        return {}
+    backbone = cfg.stage2.backbone_path or results.get("stage1", {}).get("export") \
+        or str(run_dir / "stage1" / "backbone.safetensors")
+    if not Path(backbone).is_file():
+        raise ConfigError(f"stage2.backbone_path: {backbone} does not exist (run stage1 first, or set it)")
+    return {"backbone": backbone}
+
+
+def finished_stage_differences(cfg: Config, name: str, stage_dir: Path, results: dict[str, Any]) -> list[str]:
+    """The settings that shaped a finished stage's result (`checkpoint.stage_settings`) that `cfg` changes, as
+    'key: recorded -> now', read from the manifest beside the stage's export (its "config", written before
+    results.json)."""
+    manifest = stage_dir / Path(results.get("export") or "export.safetensors").with_suffix(".json").name
+    try:
+        recorded = json.loads(manifest.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"(the settings it ran with are unknown: {manifest} is missing or records no config)"]
+    return changed_settings(recorded, cfg, name)
+
+
+def _changed_settings_message(name: str, run_dir: Path, differences: list[str]) -> str:
+    reuse_backbone = (f" (run.stages=[stage2] stage2.backbone_path={run_dir / 'stage1' / 'backbone.safetensors'} "
+                      "trains stage 2 there on this run's stage-1 backbone)" if name == "stage2" else "")
+    return (f"run.name: {name} already finished in {run_dir / name} with other settings than this config's: "
+            f"{'; '.join(differences)} (finished -> now). Skipping it would report results this config did not "
+            f"produce. Either start a new run with another run.name{reuse_backbone}, or keep the finished "
+            f"{name} as it is with run.reuse_finished_stages=true")
 
 
 SUMMARY_COLUMNS = ("stage", "epochs", "steps", "global_batch", "world_size", "contrast_terms", "val_top1",
@@ -122,27 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.overrides) + ([f"run.stages=[{','.join(args.stages)}]"] if args.stages else [])
         cfg = load_config(args.config, overrides)
-        device = resolve_device(cfg)
+        dist_utils.resolve_device(cfg.run.device)
     except ConfigError as err:
         if world.rank == 0:
             print(f"config error: {err}", file=sys.stderr)
         return 2
-    set_threads(world)
-    if device == "cuda":
-        torch.cuda.set_device(world.local_rank)
-    backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
-    dist_utils.init_distributed(world, backend)
-    try:
-        results = run(cfg)
-    except StopRequested:
-        return REQUEUE_EXIT_CODE
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        log.error("error: %s", err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with dist_utils.job(cfg.run.device, cfg.deepspeed.backend):
+        try:
+            results = run(cfg)
+        except StopRequested:
+            return REQUEUE_EXIT_CODE
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            log.error("error: %s", err)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if world.rank == 0:
         print(format_table(results), flush=True)
     return 0

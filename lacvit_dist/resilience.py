@@ -5,10 +5,11 @@ Stop signals
 ------------
 SLURM (preemption, `scancel`, `--signal=USR1@120` before the time limit), submitit and Kubernetes announce the
 end of a job with a signal. `StopSignal` only sets a flag in the handler (nothing else is safe there: a handler
-runs between two bytecodes, possibly inside a collective). The loop asks `requested_anywhere()` at a step
-boundary every N steps; that is ONE all-reduce of one int32 (a few microseconds on NCCL, well under a
-millisecond on gloo), and it makes every rank see the same answer at the same step, so all ranks save the
-same checkpoint and leave together. Then the process exits with `REQUEUE_EXIT_CODE`.
+runs between two bytecodes, possibly inside a collective). The loop asks at a step boundary, every N steps or
+about every S seconds, whichever comes first (`StopCheck`); that is ONE all-reduce of two numbers (a few
+microseconds on NCCL, well under a millisecond on gloo), and it makes every rank see the same answer at the
+same step, so all ranks save the same checkpoint and leave together. Then the process exits with
+`REQUEUE_EXIT_CODE`.
 
 Non-finite steps
 ----------------
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from types import FrameType
 from typing import Iterable
 
@@ -125,6 +127,54 @@ class StopSignal:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def max_over_ranks(values: list[float], device: torch.device | str | None = None) -> list[float]:
+    """Element-wise maximum of `values` over all ranks (one all-reduce; the values themselves in one process)."""
+    if not _dist_ready():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_flag_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+class StopCheck:
+    """When the ranks agree on a pending stop signal, so that the save starts soon after it however slow the
+    steps are (SLURM's USR1 comes a fixed time, e.g. 120 s, before the kill).
+
+    Agreeing is a collective, so every rank must decide to take part at the same step; a decision from each
+    rank's own clock could differ and deadlock. So each check all-reduces (MAX) the signal flag together with
+    the seconds since the previous check, and every rank derives the same next check step from those agreed
+    figures: as many steps as fit in `every_s` at the slowest rank's recent pace, at least 1 and at most
+    `every_steps`. The first check comes after one step, to learn the pace. A pace that slows down suddenly is
+    seen at the next check; the loop also checks before and after every evaluation (`agree` directly).
+
+        check = StopCheck(stop, every_steps=10, every_s=30, step=start_step)
+        ... after each step:  if check.due(step) and check.agree(step): save; exit
+    """
+
+    def __init__(self, stop: StopSignal, every_steps: int, every_s: float, step: int,
+                 device: torch.device | str | None = None):
+        if every_steps < 1 or every_s <= 0:
+            raise ValueError(f"StopCheck needs every_steps >= 1 and every_s > 0, got {every_steps}, {every_s}")
+        self.stop, self.every_steps, self.every_s, self.device = stop, every_steps, every_s, device
+        self.next_step = step + 1
+        self._last_step, self._last_time = step, time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """The schedule's answer for `step` (no communication; the same on every rank)."""
+        return step >= self.next_step
+
+    def agree(self, step: int) -> bool:
+        """True on every rank if any rank got a stop signal; plans the next check. A collective: call it on all
+        ranks at the same step."""
+        now = time.monotonic()
+        flag, slowest = max_over_ranks([float(self.stop.requested), now - self._last_time], self.device)
+        seconds_per_step = slowest / max(1, step - self._last_step)
+        fit = int(self.every_s / seconds_per_step) if seconds_per_step > 0 else self.every_steps
+        self.next_step = step + max(1, min(self.every_steps, fit))
+        self._last_step, self._last_time = step, now
+        return flag > 0
 
 
 class NonFiniteError(RuntimeError):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from dist_helpers import run_in_processes
 
-from lacvit_dist.resilience import REQUEUE_EXIT_CODE, NonFiniteError, NonFiniteGuard, StopSignal
+from lacvit_dist.resilience import REQUEUE_EXIT_CODE, NonFiniteError, NonFiniteGuard, StopCheck, StopSignal
 
 
 def test_stop_signal_sets_a_flag_and_restores_handlers():
@@ -36,6 +36,48 @@ def _signal_on_rank1(rank, world_size):
 def test_stop_requested_on_one_rank_is_seen_by_all():
     results = run_in_processes(_signal_on_rank1, 2, timeout=60)
     assert results == [(False, False, True), (False, True, True)]
+
+
+def test_stop_check_runs_every_n_steps_when_steps_are_fast():
+    with StopSignal([signal.SIGUSR1]) as stop:
+        check = StopCheck(stop, every_steps=10, every_s=1000.0, step=40)
+        assert not check.due(40) and check.due(41)  # the first check comes after one step, to learn the pace
+        assert not check.agree(41)  # single process: no collective
+        assert [s for s in range(42, 60) if check.due(s)][:1] == [51]
+        with pytest.raises(ValueError):
+            StopCheck(stop, every_steps=10, every_s=0, step=0)
+
+
+SLOW_STEP_S = {0: 0.05, 1: 0.2}  # rank 1 is the slow one; no per-step collective keeps them in step
+SIGNAL_AT, EVERY_S = 6, 1.0
+
+
+def _slow_steps_then_signal(rank, world_size):
+    import time
+
+    from lacvit_dist.resilience import StopCheck, StopSignal
+
+    with StopSignal([signal.SIGUSR1]) as stop:
+        check = StopCheck(stop, every_steps=1000, every_s=EVERY_S, step=0)
+        checked = []
+        for step in range(1, 40):
+            time.sleep(SLOW_STEP_S[rank])
+            if rank == 1 and step == SIGNAL_AT:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            if check.due(step):  # each rank decides alone whether to enter the collective: they must agree
+                checked.append(step)
+                if check.agree(step):
+                    return checked, step
+        return checked, None
+
+
+def test_stop_check_keeps_time_bound_with_slow_steps_on_every_rank():
+    """A step interval far too large for the 1 s bound: the check comes from the agreed pace (the slowest rank's
+    ~0.2 s per step), at the same steps on both ranks, and the stop is agreed within about 1 s of the signal."""
+    (checked0, stop0), (checked1, stop1) = run_in_processes(_slow_steps_then_signal, 2, timeout=120)
+    assert checked0 == checked1 and stop0 == stop1, (checked0, checked1)
+    assert stop0 is not None and SIGNAL_AT < stop0 <= SIGNAL_AT + EVERY_S / SLOW_STEP_S[1] + 1, checked0
+    assert len(checked0) >= 2 and checked0[0] == 1
 
 
 def test_guard_counts_and_gives_up_without_engine():

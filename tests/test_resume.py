@@ -22,19 +22,19 @@ ARGS = ["run.stages=[stage1]", "model.overrides.embed_dim=32", "model.overrides.
         "stage1.log_every_steps=1", "stage1.eval_every_epochs=100", "run.checkpoint_every_steps=4"]
 
 
-def start(run_dir: Path, data: Path) -> subprocess.Popen:
+def start(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(REPO / "train.py"), "--config", str(REPO / "configs" / "demo_digits.yaml"),
-           f"data.root={data}", f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", *ARGS]
+           f"data.root={data}", f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", *ARGS, *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
-def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 240) -> str:
+def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 240, total: int = STEPS) -> str:
     seen, deadline = [], time.time() + timeout
     for line in proc.stdout:
         seen.append(line)
-        if f"step {step}/{STEPS}" in line:
+        if f"step {step}/{total}" in line:
             return "".join(seen)
         assert time.time() < deadline, "".join(seen[-50:])
     raise AssertionError(f"exited before step {step}:\n{''.join(seen[-50:])}")
@@ -100,3 +100,35 @@ def test_kill_9_then_relaunch_resumes_from_last_checkpoint(digits_root, tmp_path
     code, out = finish(start(run_dir, digits_root))
     assert code == 0, out[-3000:]
     assert losses(run_dir) == pytest.approx(reference, rel=1e-5)
+
+
+def test_save_starts_within_the_time_bound_when_steps_between_checks_are_many(digits_root, tmp_path):
+    """run.stop_check_every_steps far beyond the run and no epoch end in sight: only the time bound
+    (run.stop_check_every_s=1) can start the save. A signal on rank 1 alone must lead to a checkpoint whose
+    save starts within a few seconds (1 s, a step or two and the launch of the save), not at the epoch end."""
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, digits_root, "stage1.epochs=1", "stage1.steps_per_epoch=2000", "run.checkpoint_every_steps=0",
+                 "run.stop_check_every_steps=100000", "run.stop_check_every_s=1")
+    wait_for_step(proc, 3, total=2000)
+    signalled = time.time()
+    rank_process(proc, 1).send_signal(signal.SIGUSR1)
+    code, out = finish(proc)
+    assert code != 0 and "exitcode  : 75" in out, out[-3000:]
+    tag = (run_dir / "stage1" / "checkpoints" / "latest").read_text().strip()
+    marker = json.loads((run_dir / "stage1" / "checkpoints" / tag / "lacvit_complete.json").read_text())
+    save_started = marker["saved_at"] - marker["save_seconds"]
+    assert 3 <= marker["step"] < 2000 and save_started - signalled < 10, (marker, save_started - signalled)
+
+
+def test_signal_before_an_evaluation_stops_without_running_it(digits_root, tmp_path):
+    """Steps and seconds between checks beyond the run: only the check before the epoch-end evaluation can see the
+    signal, and it must stop there (saving at the epoch end) instead of evaluating first."""
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, digits_root, "stage1.epochs=2", "stage1.steps_per_epoch=20", "stage1.eval_every_epochs=1",
+                 "run.checkpoint_every_steps=0", "run.stop_check_every_steps=100000", "run.stop_check_every_s=100000")
+    wait_for_step(proc, 2, total=40)
+    rank_process(proc, 1).send_signal(signal.SIGUSR1)
+    code, out = finish(proc)
+    assert code != 0 and "exitcode  : 75" in out, out[-3000:]
+    assert latest_step(run_dir) == 20 and "stop requested" in out
+    assert "stage1 epoch 1 val kNN" not in out, out[-3000:]
