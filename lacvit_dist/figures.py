@@ -1,48 +1,43 @@
-"""Evaluation figures drawn with PIL only (no matplotlib): confusion matrix, per-class accuracy, 2-D scatter,
-mean +- std bars, and a row of figures.
+"""Evaluation figures drawn with matplotlib: what a researcher looks at to decide what to run next.
 
-Every figure is returned as a ``numpy.ndarray`` of shape ``[H, W, 3]``, dtype ``uint8`` (RGB), ready for
-``SummaryWriter.add_image(tag, array, step, dataformats="HWC")`` or for :func:`save_png`. Text uses PIL's
-default font (``ImageFont.load_default()``); long class names are shortened to fit. The functions accept
-torch tensors or numpy arrays and never modify them; drawing is deterministic (same input, same pixels).
+* :func:`confusion_figure` -- confusion matrix normalised per true class; counts and names on small
+  matrices, the most-confused class pairs (:func:`most_confused`) listed beside large ones.
+* :func:`per_class_figure` -- per-class accuracy sorted, the worst classes named.
+* :func:`embedding_figure` -- PCA scatter of embeddings coloured by class, axes labelled with the share of
+  variance each component explains (:func:`pca`).
+* :func:`health_figure` -- stage-1 embedding health (kNN, isotropy, effective rank, ...) over training.
+* :func:`seed_bars_figure`, :func:`table_figure` -- ``tools/reproduce_small.py``'s Top-1 bars with every
+  seed's point, and its embedding-health table.
+
+Every builder returns a ``matplotlib.figure.Figure`` made without pyplot (no global state, no display):
+hand it to ``SummaryWriter.add_figure`` or :func:`save_figure`. Inputs may be torch tensors or numpy
+arrays and are never modified.
 """
 from __future__ import annotations
 
-import colorsys
 import os
 import tempfile
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # no display on cluster nodes; a user's own choice wins
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-__all__ = ["confusion_matrix_image", "per_class_bar_image", "scatter_image", "mean_std_bar_image", "side_by_side",
-           "save_png", "class_colors",
-           "MAX_LABELLED_CLASSES", "MAX_COUNTED_CLASSES", "MAX_LEGEND_CLASSES", "MAX_BAR_LABELS"]
+__all__ = ["confusion_figure", "most_confused", "per_class_figure", "pca", "embedding_figure",
+           "health_figure", "seed_bars_figure", "table_figure", "reproduce_figure", "save_figure",
+           "MAX_NAMED_CLASSES", "MAX_COUNTED_CLASSES", "MAX_LEGEND_CLASSES", "MAX_BAR_NAMES", "WORST_SHOWN"]
 
-MAX_LABELLED_CLASSES = 30  # confusion matrix: class names on the axes up to this many classes
-MAX_COUNTED_CLASSES = 20  # confusion matrix: counts written in the cells up to this many classes
-MAX_LEGEND_CLASSES = 20  # scatter: legend up to this many classes
-MAX_BAR_LABELS = 100  # per-class bars: one labelled row per class up to this many classes
-
-WHITE, BLACK, GREY, LIGHT_GREY = (255, 255, 255), (0, 0, 0), (128, 128, 128), (225, 225, 225)
-NAME_CHARS = 18  # class names are cut to this many characters
-
-# Anchor colours of matplotlib's "viridis" (perceptually uniform, colour-blind safe), interpolated linearly.
-_VIRIDIS = np.array([(68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142),
-                     (31, 158, 137), (53, 183, 121), (109, 205, 89), (180, 222, 44), (253, 231, 37)],
-                    dtype=np.float64)
-# matplotlib's "tab20" order: tab10 first, then the light variants.
-_TAB20 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-          "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
-          "#dbdb8d", "#9edae5"]
-
-
-@lru_cache(maxsize=1)
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+MAX_NAMED_CLASSES = 30  # confusion matrix: class names on the axes up to this many classes
+MAX_COUNTED_CLASSES = 15  # confusion matrix: counts written in the cells up to this many classes
+MAX_LEGEND_CLASSES = 20  # scatter: a legend up to this many classes
+MAX_BAR_NAMES = 40  # per-class accuracy: every class named up to this many, else the worst WORST_SHOWN
+WORST_SHOWN = 20  # classes named in the "worst classes" panel, pairs listed in the "most confused" one
+NAME_CHARS = 24  # class names are cut to this many characters
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -51,23 +46,9 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _text_size(text: str) -> tuple[int, int]:
-    left, top, right, bottom = _font().getbbox(text)
-    return right - left, bottom - top
-
-
-def _line_height() -> int:
-    return _text_size("Ag0|")[1] + 2
-
-
-def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill=BLACK,
-          anchor: str = "la") -> None:
-    draw.text(xy, text, fill=fill, font=_font(), anchor=anchor)
-
-
-def _short(name: str, limit: int = NAME_CHARS) -> str:
+def _short(name: Any, limit: int = NAME_CHARS) -> str:
     name = str(name)
-    return name if len(name) <= limit else name[: limit - 1] + "~"
+    return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
 def _names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
@@ -78,143 +59,103 @@ def _names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
     return [_short(n) for n in class_names]
 
 
-def _viridis(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] (clipped; NaN -> 0) to uint8 RGB, shape values.shape + (3,)."""
-    v = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * (len(_VIRIDIS) - 1)
-    lo = np.floor(v).astype(int).clip(0, len(_VIRIDIS) - 2)
-    frac = (v - lo)[..., None]
-    return np.rint(_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac).astype(np.uint8)
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)  # an Agg canvas of its own: renders without pyplot or a display
+    return fig
 
 
-def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
-    """One RGB colour per class: matplotlib's tab20 for up to 20 classes, golden-ratio hues beyond."""
-    if num_classes <= len(_TAB20):
-        return [tuple(int(h[i:i + 2], 16) for i in (1, 3, 5)) for h in _TAB20[:num_classes]]
-    colours = []
-    for c in range(num_classes):
-        hue = (c * 0.618033988749895) % 1.0
-        r, g, b = colorsys.hsv_to_rgb(hue, 0.75 if c % 2 else 0.95, 0.85 if c % 3 else 0.65)
-        colours.append((int(r * 255), int(g * 255), int(b * 255)))
-    return colours
+def _class_colours(num_classes: int) -> np.ndarray:
+    """tab10/tab20 up to 20 classes; beyond, evenly spaced hues of a cyclic map (neighbours differ)."""
+    if num_classes <= 10:
+        return colormaps["tab10"](np.arange(num_classes))
+    if num_classes <= 20:
+        return colormaps["tab20"](np.arange(num_classes))
+    order = (np.arange(num_classes) * 0.618033988749895) % 1.0  # golden-ratio steps: close indices, far hues
+    return colormaps["hsv"](order * 0.9)
 
 
-def _rotated_text(text: str, fill=BLACK) -> Image.Image:
-    """`text` rotated 90 degrees counter-clockwise (reads bottom to top), as an RGBA image."""
-    w, h = _text_size(text)
-    img = Image.new("RGBA", (w + 2, _line_height()), (0, 0, 0, 0))
-    ImageDraw.Draw(img).text((1, 0), text, fill=fill + (255,), font=_font())
-    return img.rotate(90, expand=True)
+# -------------------------------------------------------------------------------------- confusion matrix
+def _row_normalised(m: np.ndarray) -> np.ndarray:
+    """Each row divided by its sum (the fraction of true class t predicted as p); NaN for empty rows."""
+    rows = m.sum(axis=1, keepdims=True)
+    return np.divide(m, rows, out=np.full_like(m, np.nan, dtype=np.float64), where=rows > 0)
 
 
-def _finish(img: Image.Image) -> np.ndarray:
-    out = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return np.ascontiguousarray(out)
+def most_confused(confusion: Any, class_names: Sequence[str] | None = None,
+                  top: int = WORST_SHOWN) -> list[tuple[str, str, float, int]]:
+    """The ``top`` largest off-diagonal cells of a confusion matrix (rows = true class), as
+    ``(true name, predicted name, rate, count)`` with ``rate = M[t, p] / sum_p M[t, p]``; highest rate
+    first (ties: the larger count, then the lower indices). Cells with no sample are left out."""
+    m = _to_numpy(confusion).astype(np.float64)
+    names = _names(class_names, m.shape[0])
+    rate = np.nan_to_num(_row_normalised(m))
+    np.fill_diagonal(rate, 0.0)
+    t, p = np.nonzero(rate > 0)  # the diagonal is zeroed above
+    order = np.lexsort((p, t, -m[t, p], -rate[t, p]))[:top]
+    return [(names[t[i]], names[p[i]], float(rate[t[i], p[i]]), int(m[t[i], p[i]])) for i in order]
 
 
-def _title_band(width: int, title: str | None) -> tuple[Image.Image | None, int]:
-    if not title:
-        return None, 0
-    h = _line_height() + 6
-    band = Image.new("RGB", (width, h), WHITE)
-    _text(ImageDraw.Draw(band), (width / 2, h / 2), _short(title, 120), anchor="mm")
-    return band, h
-
-
-def _with_title(img: Image.Image, title: str | None) -> Image.Image:
-    band, h = _title_band(img.width, title)
-    if band is None:
-        return img
-    out = Image.new("RGB", (img.width, img.height + h), WHITE)
-    out.paste(band, (0, 0))
-    out.paste(img, (0, h))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------
-def confusion_matrix_image(confusion: Any, class_names: Sequence[str] | None = None, *,
-                           title: str | None = None) -> np.ndarray:
+def confusion_figure(confusion: Any, class_names: Sequence[str] | None = None, *,
+                     title: str = "confusion matrix") -> Figure:
     """Heat map of a ``[C, C]`` confusion matrix (rows = true class, columns = predicted).
 
-    Each cell's colour is its ROW-normalised value ``M[t, p] / sum_p M[t, p]`` (the fraction of class ``t``
-    predicted as ``p``; the diagonal is the per-class recall) on the viridis scale, 0 to 1, with a colour
-    bar; a row without samples is drawn light grey. Class names label both axes when
-    ``C <= MAX_LABELLED_CLASSES`` (30), the raw counts are written in the cells when
-    ``C <= MAX_COUNTED_CLASSES`` (20). Cells shrink with ``C`` (down to one pixel), so the image stays
-    below about 1,000 pixels a side up to ~900 classes. Returns ``[H, W, 3]`` uint8.
+    A cell's colour is ``M[t, p] / sum_p M[t, p]`` (0 to 1; the diagonal is each class's recall); a true
+    class without samples is blank. Up to ``MAX_COUNTED_CLASSES`` classes the raw counts are written in the
+    cells, up to ``MAX_NAMED_CLASSES`` the class names label the axes; beyond, the axes carry class indices
+    only and a panel beside the matrix lists the ``WORST_SHOWN`` most-confused pairs with their rates.
     """
     m = _to_numpy(confusion).astype(np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
         raise ValueError(f"confusion must be a non-empty square [C, C] matrix, got shape {m.shape}")
     c = m.shape[0]
     names = _names(class_names, c)
-    labelled, counted = c <= MAX_LABELLED_CLASSES, c <= MAX_COUNTED_CLASSES
-    row_sum = m.sum(axis=1, keepdims=True)
-    frac = np.divide(m, row_sum, out=np.zeros_like(m), where=row_sum > 0)
-
-    line = _line_height()
-    if counted:
-        widest = max(_text_size(str(int(v)))[0] for v in m.reshape(-1))
-        cell = max(widest + 6, line + 6, min(48, 640 // c))
-    elif labelled:
-        cell = max(line + 2, min(32, 768 // c))
+    named = c <= MAX_NAMED_CLASSES
+    side = min(12.0, max(5.0, 0.35 * c + 2.5)) if named else 8.0
+    fig = _figure(side + (1.0 if named else 5.0), side)
+    if not named:  # too many names to read: list the pairs that matter instead
+        grid = fig.add_gridspec(1, 2, width_ratios=[side, 5.0])
+        ax, panel = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     else:
-        cell = max(1, min(24, 900 // c))
-    name_w = max(_text_size(n)[0] for n in names) + 6 if labelled else 0
-    left = name_w + line + 6  # axis title "true" + class names
-    top = name_w + line + 6  # axis title "predicted" + rotated class names
-    grid = c * cell
-    bar_w, bar_gap = 14, 12
-    tick_w = _text_size("1.0")[0] + 6
-    width = left + grid + bar_gap + bar_w + tick_w + 6
-    height = top + grid + 8
-    img = Image.new("RGB", (width, max(height, top + 60)), WHITE)
-    draw = ImageDraw.Draw(img)
-
-    colours = _viridis(frac)
-    colours[(row_sum[:, 0] == 0)] = LIGHT_GREY
-    heat = Image.fromarray(colours, "RGB").resize((grid, grid), Image.NEAREST)
-    img.paste(heat, (left, top))
-    if cell >= 6:  # thin separators keep neighbouring cells apart
-        for k in range(c + 1):
-            draw.line([(left + k * cell, top), (left + k * cell, top + grid)], fill=WHITE)
-            draw.line([(left, top + k * cell), (left + grid, top + k * cell)], fill=WHITE)
-    if counted:
+        ax, panel = fig.add_subplot(), None
+    image = ax.imshow(_row_normalised(m), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
+    ax.set_xlabel("predicted class" if named else "predicted class (index)")
+    ax.set_ylabel("true class" if named else "true class (index)")
+    ax.set_title(f"{title} ({c} classes, {int(m.sum())} samples)")
+    if named:
+        ax.set_xticks(range(c), names, rotation=90 if max(map(len, names)) > 3 else 0)
+        ax.set_yticks(range(c), names)
+    if c <= MAX_COUNTED_CLASSES:
+        frac = np.nan_to_num(_row_normalised(m))
         for t in range(c):
             for p in range(c):
-                r, g, b = (int(v) for v in colours[t, p])
-                ink = BLACK if 0.299 * r + 0.587 * g + 0.114 * b > 140 else WHITE
-                _text(draw, (left + p * cell + cell / 2, top + t * cell + cell / 2), str(int(m[t, p])),
-                      fill=ink, anchor="mm")
-    if labelled:
-        for k, name in enumerate(names):
-            _text(draw, (left - 4, top + k * cell + cell / 2), name, anchor="rm")
-            rot = _rotated_text(name)
-            img.paste(rot, (left + k * cell + (cell - rot.width) // 2, top - 4 - rot.height), rot)
-    _text(draw, (left + grid / 2, 2), "predicted", anchor="ma")
-    rot = _rotated_text("true")
-    img.paste(rot, (2, top + (grid - rot.height) // 2), rot)
-
-    # Colour bar, 0 at the bottom, 1 at the top.
-    bx, bh = left + grid + bar_gap, max(grid, 40)
-    ramp = _viridis(np.linspace(1.0, 0.0, bh))[:, None, :].repeat(bar_w, axis=1)
-    img.paste(Image.fromarray(np.ascontiguousarray(ramp), "RGB"), (bx, top))
-    draw.rectangle([bx, top, bx + bar_w - 1, top + bh - 1], outline=GREY)
-    _text(draw, (bx + bar_w + 3, top), "1.0", anchor="la")
-    _text(draw, (bx + bar_w + 3, top + bh), "0.0", anchor="ld")
-    return _finish(_with_title(img, title))
+                ax.text(p, t, str(int(m[t, p])), ha="center", va="center", fontsize=9,
+                        color="black" if frac[t, p] > 0.6 else "white")
+    if panel is not None:
+        _confused_panel(panel, most_confused(m, class_names))
+    return fig
 
 
-def per_class_bar_image(acc: Any, class_names: Sequence[str] | None = None, *, support: Any = None,
-                        title: str | None = None) -> np.ndarray:
-    """Horizontal bar per class: accuracy in ``[0, 1]`` (values outside are clipped for drawing).
+def _confused_panel(ax: Axes, pairs: list[tuple[str, str, float, int]]) -> None:
+    ax.axis("off")
+    ax.set_title("most confused (true → predicted)", loc="left")
+    lines = [f"{rate:6.1%}  ({count})  {true} → {pred}" for true, pred, rate, count in pairs] or ["none"]
+    ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8,
+            transform=ax.transAxes)
 
-    Classes with ``support == 0`` (when ``support`` is given, e.g. from
-    :func:`lacvit_dist.metrics.per_class_accuracy`) or a NaN accuracy have no bar and read "n/a". Up to
-    ``MAX_BAR_LABELS`` (100) classes every row carries its name and value; beyond, rows are a few pixels
-    high and unlabelled. Grid lines at 0, 0.25, 0.5, 0.75, 1 and a dashed line at the mean over the
-    present classes. Returns ``[H, W, 3]`` uint8.
+
+# ------------------------------------------------------------------------------------ per-class accuracy
+def per_class_figure(accuracy: Any, class_names: Sequence[str] | None = None, *, support: Any = None,
+                     title: str = "per-class accuracy") -> Figure:
+    """Per-class accuracy, sorted from the worst class, with the mean over the classes present.
+
+    Classes with ``support == 0`` (when ``support`` is given, as from
+    :func:`lacvit_dist.metrics.per_class_accuracy`) or a NaN accuracy are left out and counted in the title.
+    Up to ``MAX_BAR_NAMES`` classes: one named bar each. Beyond: all classes as a sorted profile, and the
+    ``WORST_SHOWN`` worst named with their accuracy in a second panel.
     """
-    a = _to_numpy(acc).astype(np.float64).reshape(-1)
+    a = _to_numpy(accuracy).astype(np.float64).reshape(-1)
     c = a.shape[0]
     if c == 0:
         raise ValueError("per-class accuracy is empty")
@@ -225,175 +166,194 @@ def per_class_bar_image(acc: Any, class_names: Sequence[str] | None = None, *, s
             raise ValueError(f"support has {s.shape[0]} entries for {c} classes")
         present &= s > 0
     names = _names(class_names, c)
-    labelled = c <= MAX_BAR_LABELS
-    line = _line_height()
-    row = line + 2 if labelled else max(1, min(6, 900 // c))
-    name_w = max(_text_size(n)[0] for n in names) + 8 if labelled else 0
-    plot_w, value_w = 400, (_text_size("0.000")[0] + 8 if labelled else 0)
-    left, top = name_w + 4, line + 4
-    width = left + plot_w + value_w + 8
-    height = top + c * row + line + 8
-    img = Image.new("RGB", (width, height), WHITE)
-    draw = ImageDraw.Draw(img)
-    bottom = top + c * row
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x = left + tick * plot_w
-        draw.line([(x, top), (x, bottom)], fill=LIGHT_GREY)
-        _text(draw, (x, bottom + 2), f"{tick:g}", fill=GREY, anchor="ma")
-    colours = class_colors(c)
-    for k in range(c):
-        y0 = top + k * row
-        if labelled:
-            _text(draw, (left - 4, y0 + row / 2), names[k], anchor="rm")
-        if not present[k]:
-            if labelled:
-                _text(draw, (left + 4, y0 + row / 2), "n/a", fill=GREY, anchor="lm")
-            continue
-        v = float(np.clip(a[k], 0.0, 1.0))
-        x1 = left + max(1, round(v * plot_w))
-        gap = 1 if row >= 4 else 0
-        draw.rectangle([left, y0 + gap, x1, y0 + row - 1 - gap], fill=colours[k] if c <= 20 else (31, 119, 180))
-        if labelled:
-            _text(draw, (left + plot_w + 4, y0 + row / 2), f"{a[k]:.3f}", anchor="lm")
-    if present.any():
-        mean = float(np.clip(a[present].mean(), 0.0, 1.0))
-        x = left + mean * plot_w
-        for y in range(top, bottom, 6):
-            draw.line([(x, y), (x, min(y + 3, bottom))], fill=(214, 39, 40), width=1)
-        _text(draw, (x, 2), f"mean {a[present].mean():.3f}", fill=(214, 39, 40),
-              anchor="ra" if mean > 0.5 else "la")
-    return _finish(_with_title(img, title))
+    idx = np.flatnonzero(present)
+    idx = idx[np.argsort(a[idx], kind="stable")]  # worst first; ties keep class order
+    absent = c - idx.size
+    heading = f"{title} ({idx.size} classes" + (f"; {absent} without samples left out)" if absent else ")")
+    mean = float(a[idx].mean()) if idx.size else float("nan")
+    if c <= MAX_BAR_NAMES:
+        fig = _figure(7.0, max(2.5, 0.28 * idx.size + 1.5))
+        _named_bars(fig.add_subplot(), idx, a, names, mean)
+        fig.suptitle(heading)
+        return fig
+    fig = _figure(12.0, max(5.0, 0.28 * WORST_SHOWN + 1.5))
+    grid = fig.add_gridspec(1, 2, width_ratios=[1.2, 1.0])
+    profile = fig.add_subplot(grid[0, 0])
+    profile.bar(np.arange(idx.size), a[idx], width=1.0, color="tab:blue")
+    profile.axhline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.3f}")
+    profile.set(xlim=(-0.5, max(idx.size, 1) - 0.5), ylim=(0, 1), xlabel="classes, sorted by accuracy",
+                ylabel="accuracy", title="all classes")
+    profile.legend(loc="upper left")
+    _named_bars(fig.add_subplot(grid[0, 1]), idx[:WORST_SHOWN], a, names, mean, title=f"worst {WORST_SHOWN}")
+    fig.suptitle(heading)
+    return fig
 
 
-def scatter_image(points2d: Any, labels: Any = None, class_names: Sequence[str] | None = None, *,
-                  size: int = 512, title: str | None = None, seed: int = 0) -> np.ndarray:
-    """Scatter plot of 2-D points (e.g. a PCA / t-SNE projection of embeddings), coloured by class.
-
-    ``points2d`` [N, 2]; ``labels`` [N] ints in ``[0, C)`` with ``C = len(class_names)`` (or
-    ``max(labels) + 1``), or None for one colour. The axes are scaled to the points' range (equal aspect,
-    5% margin); non-finite points are skipped. Points are drawn in a seeded random order so that no class
-    is always on top. A legend with colour swatches and names is drawn when ``C <= MAX_LEGEND_CLASSES``
-    (20). Returns ``[size, size + legend, 3]`` uint8.
-    """
-    p = _to_numpy(points2d).astype(np.float64)
-    if p.ndim != 2 or p.shape[1] != 2:
-        raise ValueError(f"points2d must be [N, 2], got shape {p.shape}")
-    n = p.shape[0]
-    if labels is None:
-        lab = np.zeros(n, dtype=np.int64)
-        c = 1 if class_names is None else len(class_names)
-    else:
-        lab = _to_numpy(labels).astype(np.int64).reshape(-1)
-        if lab.shape[0] != n:
-            raise ValueError(f"{lab.shape[0]} labels for {n} points")
-        if lab.size and lab.min() < 0:
-            raise ValueError("labels must be >= 0")
-        c = len(class_names) if class_names is not None else (int(lab.max()) + 1 if lab.size else 1)
-        if lab.size and lab.max() >= c:
-            raise ValueError(f"label {int(lab.max())} is out of range for {c} class names")
-    names = _names(class_names, c) if (class_names is not None or labels is not None) else []
-    legend = labels is not None and c <= MAX_LEGEND_CLASSES
-    line = _line_height()
-    legend_w = (max(_text_size(s)[0] for s in names) + 30) if legend else 0
-    img = Image.new("RGB", (size + legend_w, size), WHITE)
-    draw = ImageDraw.Draw(img)
-    margin = 12
-    draw.rectangle([margin - 4, margin - 4, size - margin + 4, size - margin + 4], outline=LIGHT_GREY)
-
-    ok = np.isfinite(p).all(axis=1)
-    if ok.any():
-        q = p[ok]
-        lo, hi = q.min(axis=0), q.max(axis=0)
-        centre, span = (lo + hi) / 2, float((hi - lo).max())
-        span = span * 1.05 if span > 0 else 1.0
-        scale = (size - 2 * margin) / span
-        xy = (q - centre) * scale + size / 2
-        xy[:, 1] = size - xy[:, 1]  # y grows upwards
-        colours = class_colors(c)
-        lab_ok = lab[ok]
-        radius = 3 if len(q) <= 2000 else (2 if len(q) <= 20000 else 1)
-        order = np.random.default_rng(seed).permutation(len(q))
-        for i in order:
-            x, y = xy[i]
-            colour = colours[lab_ok[i]]
-            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
-    if legend:
-        colours = class_colors(c)
-        x0 = size + 4
-        for k, name in enumerate(names[: MAX_LEGEND_CLASSES]):
-            y = margin + k * (line + 4)
-            draw.rectangle([x0, y + 1, x0 + line - 3, y + line - 2], fill=colours[k])
-            _text(draw, (x0 + line + 2, y + line / 2), name, anchor="lm")
-    return _finish(_with_title(img, title))
+def _named_bars(ax: Axes, idx: np.ndarray, a: np.ndarray, names: list[str], mean: float,
+                title: str | None = None) -> None:
+    """Horizontal bars, the first index at the top, each with its name and value."""
+    y = np.arange(idx.size)
+    ax.barh(y, a[idx], color="tab:blue")
+    ax.set_yticks(y, [names[k] for k in idx])
+    ax.invert_yaxis()
+    for row, k in zip(y, idx):
+        ax.text(min(a[k], 1.0) + 0.01, row, f"{a[k]:.3f}", va="center", fontsize=8)
+    if not np.isnan(mean):
+        ax.axvline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.3f}")
+        ax.legend(loc="upper right")  # worst first: the short bars leave this corner free
+    ax.set(xlim=(0, 1.12), xlabel="accuracy")
+    if title:
+        ax.set_title(title)
 
 
-def mean_std_bar_image(names: Sequence[str], means: Sequence[float], stds: Sequence[float], *,
-                       title: str | None = None) -> np.ndarray:
-    """Horizontal bar per method: a mean in ``[0, 1]`` with a +-1 std whisker and the value as text (e.g.
-    Top-1 over seeds). Returns ``[H, W, 3]`` uint8."""
-    m, sd = np.asarray(means, dtype=np.float64), np.asarray(stds, dtype=np.float64)
-    if not (len(names) == m.shape[0] == sd.shape[0]) or not len(names):
-        raise ValueError(f"need one mean and one std per name, got {len(names)} names, {m.shape[0]} means, "
-                         f"{sd.shape[0]} stds")
-    line = _line_height()
-    row, plot_w = 2 * line, 300
-    labels = [_short(n, 40) for n in names]
-    left = max(_text_size(n)[0] for n in labels) + 12
-    value_w = _text_size("0.0000 ± 0.0000")[0] + 12
-    top, bottom = line + 4, line + 4 + len(names) * row
-    img = Image.new("RGB", (left + plot_w + value_w, bottom + line + 8), WHITE)
-    draw = ImageDraw.Draw(img)
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x = left + tick * plot_w
-        draw.line([(x, top), (x, bottom)], fill=LIGHT_GREY)
-        _text(draw, (x, bottom + 2), f"{tick:g}", fill=GREY, anchor="ma")
-    for k, (name, colour) in enumerate(zip(labels, class_colors(len(names)))):
-        y0, mid = top + k * row, top + k * row + row / 2
-        _text(draw, (left - 6, mid), name, anchor="rm")
-        x1 = left + max(1, round(float(np.clip(m[k], 0, 1)) * plot_w))
-        draw.rectangle([left, y0 + 3, x1, y0 + row - 4], fill=colour)
-        lo, hi = (left + float(np.clip(v, 0, 1)) * plot_w for v in (m[k] - sd[k], m[k] + sd[k]))
-        draw.line([(lo, mid), (hi, mid)], fill=BLACK, width=2)
-        for x in (lo, hi):
-            draw.line([(x, mid - 4), (x, mid + 4)], fill=BLACK, width=2)
-        _text(draw, (left + plot_w + 6, mid), f"{m[k]:.4f} ± {sd[k]:.4f}", anchor="lm")
-    return _finish(_with_title(img, title))
+# ------------------------------------------------------------------------------------------- embeddings
+def pca(x: Any, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``x`` [N, D] projected on their first ``k`` principal components (fp64 SVD of the centred
+    rows), and the fraction of the total variance each component explains. Component signs are fixed (the
+    largest-magnitude loading is positive) so the same data always gives the same picture."""
+    x = _to_numpy(x).astype(np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"PCA needs an [N, D] matrix with N >= 2, got shape {x.shape}")
+    centred = x - x.mean(axis=0, keepdims=True)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    vt = vt[:k] * np.sign(vt[:k][np.arange(min(k, vt.shape[0])), np.abs(vt[:k]).argmax(axis=1)])[:, None]
+    total = float((s ** 2).sum())
+    ratios = (s[:k] ** 2) / total if total > 0 else np.zeros(min(k, s.size))
+    return centred @ vt.T, ratios
 
 
-def side_by_side(images: Sequence[np.ndarray], gap: int = 12) -> np.ndarray:
-    """``[H, W, 3]`` figures in one row, top-aligned on white. Returns ``[H, W, 3]`` uint8."""
-    if not images:
-        raise ValueError("side_by_side needs at least one image")
-    height = max(im.shape[0] for im in images)
-    width = sum(im.shape[1] for im in images) + gap * (len(images) - 1)
-    out = Image.new("RGB", (width, height), WHITE)
-    x = 0
-    for im in images:
-        out.paste(Image.fromarray(np.ascontiguousarray(im)), (x, 0))
-        x += im.shape[1] + gap
-    return _finish(out)
+def _draw_scatter(ax: Axes, x: Any, labels: Any, names: Sequence[str] | None, title: str) -> None:
+    points, ratios = pca(x)
+    lab = _to_numpy(labels).astype(np.int64).reshape(-1)
+    if lab.shape[0] != points.shape[0]:
+        raise ValueError(f"{lab.shape[0]} labels for {points.shape[0]} embeddings")
+    c = len(names) if names is not None else int(lab.max()) + 1
+    if lab.size and (lab.min() < 0 or lab.max() >= c):
+        raise ValueError(f"labels must lie in [0, {c}), got {lab.min()}..{lab.max()}")
+    colours = _class_colours(c)
+    order = np.random.default_rng(0).permutation(points.shape[0])  # no class always drawn on top
+    ax.scatter(points[order, 0], points[order, 1] if points.shape[1] > 1 else np.zeros(len(order)),
+               c=colours[lab[order]], s=8 if len(order) > 2000 else 14, linewidths=0)
+    if c <= MAX_LEGEND_CLASSES:
+        shown = _names(names, c) if names is not None else [str(k) for k in range(c)]
+        for k in range(c):
+            ax.scatter([], [], color=colours[k], label=shown[k], s=14)
+        ax.legend(fontsize=7, markerscale=1.2, loc="best", ncols=2 if c > 10 else 1)
+    ax.set_xlabel(f"PC1 ({ratios[0]:.1%} of variance)")
+    ax.set_ylabel(f"PC2 ({ratios[1]:.1%} of variance)" if ratios.size > 1 else "PC2")
+    ax.set_title(title)
 
 
-def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write an ``[H, W, 3]`` (or ``[H, W]``, ``[H, W, 4]``) uint8 array as a PNG, atomically.
+def embedding_figure(x: Any, labels: Any, class_names: Sequence[str] | None = None, *,
+                     title: str = "embeddings (PCA)") -> Figure:
+    """The rows of ``x`` [N, D] on their first two principal components, coloured by ``labels`` [N] (ints in
+    ``[0, C)``); the axis labels give the share of the variance each component explains. A legend names
+    the classes up to ``MAX_LEGEND_CLASSES``."""
+    fig = _figure(7.0, 6.0)
+    _draw_scatter(fig.add_subplot(), x, labels, class_names, title)
+    return fig
 
-    The image goes to a temporary file in the destination folder (created if missing) and is moved over
-    ``path`` with ``os.replace``: a reader never sees a half-written PNG, and a failure leaves any earlier
-    file intact. Returns the final path.
-    """
-    arr = np.asarray(array)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"save_png expects uint8 pixels, got {arr.dtype}")
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))):
-        raise ValueError(f"save_png expects [H, W], [H, W, 3] or [H, W, 4], got shape {arr.shape}")
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
+
+HEALTH_CURVES = {"knn_top1": "kNN Top-1", "isotropy": "isotropy (1 = isotropic)",
+                 "effective_rank": "effective rank", "alignment": "alignment (lower: closer positives)",
+                 "uniformity": "uniformity (lower: more uniform)"}
+
+
+def health_figure(history: Sequence[Mapping[str, float]], *, title: str = "stage-1 embedding health") -> Figure:
+    """Stage-1 monitor values over training: one panel per quantity, one line per embedding.
+
+    ``history`` rows are evaluations in step order, each with ``step`` and the keys of
+    :func:`lacvit_dist.evaluation.evaluate_embeddings` (``knn_top1``, ``backbone/isotropy``,
+    ``projection/isotropy``, ...). Quantities absent from every row are not drawn."""
+    if not history:
+        raise ValueError("health_figure needs at least one evaluation")
+    steps = [row["step"] for row in history]
+    panels = [(key, label) for key, label in HEALTH_CURVES.items()
+              if any(k == key or k.endswith("/" + key) for row in history for k in row)]
+    fig = _figure(3.2 * len(panels), 3.6)
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        series = sorted({k for row in history for k in row if k == key or k.endswith("/" + key)})
+        for name in series:
+            values = [row.get(name, np.nan) for row in history]
+            ax.plot(steps, values, marker="o", markersize=3, label=name.split("/")[0] if "/" in name else None)
+        ax.set(title=label, xlabel="step")
+        if any("/" in name for name in series):
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+# ------------------------------------------------------------------------------------- reproduce_small
+def _draw_seed_bars(ax: Axes, names: Sequence[str], per_seed: Sequence[Sequence[float]], title: str) -> None:
+    if not names or len(names) != len(per_seed) or any(len(v) == 0 for v in per_seed):
+        raise ValueError(f"need a non-empty list of values per name, got {len(names)} names and "
+                         f"{[len(v) for v in per_seed]} values")
+    means = [float(np.mean(v)) for v in per_seed]
+    stds = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in per_seed]
+    x = np.arange(len(names))
+    ax.bar(x, means, yerr=stds, capsize=6, color=_class_colours(len(names)), alpha=0.75)
+    for i, values in enumerate(per_seed):
+        jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(1)
+        ax.scatter(i + jitter, values, color="black", s=18, zorder=3, label="one seed" if i == 0 else None)
+        ax.text(i, min(1.0, means[i] + stds[i]) + 0.02, f"{means[i]:.3f} ± {stds[i]:.3f}", ha="center",
+                fontsize=9)
+    ax.set_xticks(x, [_short(n, 30) for n in names])
+    ax.set(ylim=(0, 1.1), ylabel="Top-1", title=title)
+    ax.legend(loc="upper left")
+
+
+def seed_bars_figure(names: Sequence[str], per_seed: Sequence[Sequence[float]], *,
+                     title: str = "test Top-1 (mean ± std over seeds)") -> Figure:
+    """One bar per method at its mean over seeds, a ±1 sample-std whisker, and every seed's own value as a
+    point."""
+    fig = _figure(1.8 * len(names) + 2.5, 4.5)
+    _draw_seed_bars(fig.add_subplot(), names, per_seed, title)
+    return fig
+
+
+def _draw_table(ax: Axes, rows: Mapping[str, Mapping[str, float]], columns: Sequence[str], title: str) -> None:
+    ax.axis("off")
+    cells = [[f"{rows[r][col]:.4g}" for col in columns] for r in rows]
+    table = ax.table(cellText=cells, rowLabels=list(rows), colLabels=list(columns), loc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1.0, 1.4)
+    ax.set_title(title)
+
+
+def table_figure(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str], *, title: str = "") -> Figure:
+    """A table of numbers: one row per key of ``rows``, one column per entry of ``columns``."""
+    fig = _figure(1.4 * len(columns) + 3.0, 0.4 * len(rows) + 1.5)
+    _draw_table(fig.add_subplot(), rows, columns, title)
+    return fig
+
+
+def reproduce_figure(methods: Sequence[tuple[str, Sequence[float]]], health: Mapping[str, Mapping[str, float]],
+                     health_columns: Sequence[str], scatters: Sequence[tuple[str, Any, Any]],
+                     class_names: Sequence[str]) -> Figure:
+    """``tools/reproduce_small.py``'s summary: Top-1 bars with each seed's point and the embedding-health
+    table on top, the PCA of each backbone's test embeddings (``(title, embeddings, labels)``) below."""
+    fig = _figure(5.0 * max(3, len(scatters)), 10.0)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.0, 1.1])
+    upper = top.subplots(1, 2, width_ratios=[1.0, 2.0])
+    _draw_seed_bars(upper[0], [m for m, _ in methods], [v for _, v in methods], "target test Top-1 (mean ± std)")
+    _draw_table(upper[1], health, health_columns, "backbone embeddings of the target test split")
+    for ax, (title, x, labels) in zip(np.atleast_1d(bottom.subplots(1, len(scatters))), scatters):
+        _draw_scatter(ax, x, labels, class_names, title)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- files
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG, atomically: a temporary file in the destination folder (created if missing)
+    moved over ``path``, so a reader never sees half a PNG and a failure leaves an earlier file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")
+            fig.savefig(f, format="png", dpi=dpi)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a figure is meant to be read by others

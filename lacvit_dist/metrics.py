@@ -13,6 +13,8 @@ Classification
   flagged by ``support == 0`` (never NaN). :func:`balanced_accuracy` averages over present classes only.
 * :func:`knn_predict` / :func:`knn_correct` / :func:`knn_accuracy` -- the weighted kNN monitor of
   Wu et al. 2018 (InstDisc) as used by DINO.
+* :func:`pr_histograms` / :func:`pr_curves` -- one-vs-rest precision-recall curves per class from summable
+  per-threshold counts (TensorBoard's PR-curve binning).
 
 Embedding health of one matrix ``X [N, D]``
 -------------------------------------------
@@ -35,7 +37,8 @@ from torch import Tensor
 __all__ = [
     "compute_dtype", "topk_correct", "confusion_matrix", "per_class_accuracy", "balanced_accuracy",
     "knn_predict", "knn_correct", "knn_accuracy", "mean_pairwise_cosine", "isotropy_partition",
-    "effective_rank", "alignment", "uniformity", "same_class_pairs", "embedding_health",
+    "effective_rank", "alignment", "uniformity", "same_class_pairs", "embedding_health", "pr_histograms",
+    "pr_curves",
 ]
 
 
@@ -417,3 +420,39 @@ def embedding_health(x: Tensor, labels: Tensor | None = None, *, max_samples: in
             i, j = i.to(x.device), j.to(x.device)
             out["alignment"] = alignment(x[i], x[j], 2.0).item()
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Precision-recall curves
+# --------------------------------------------------------------------------------------------------------
+def pr_histograms(probs: Tensor, labels: Tensor, num_thresholds: int = 127) -> Tensor:
+    """Per-class one-vs-rest score histograms: ``[2, C, T]`` int64, ``[0]`` positives, ``[1]`` negatives.
+
+    ``probs`` [N, C] are class probabilities in ``[0, 1]``, ``labels`` [N]. Row ``i`` counts as a positive of
+    class ``labels[i]`` and a negative of every other class, in bucket ``floor(p * (T - 1))`` (TensorBoard's
+    PR-curve binning). Counts, not curves: sum them over batches and ranks (one int64 all-reduce of
+    ``2 x C x T``, never the scores themselves), then :func:`pr_curves`.
+    """
+    if probs.dim() != 2 or labels.shape != (probs.shape[0],):
+        raise ValueError(f"expected probs [N, C] and labels [N], got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    n, c = probs.shape
+    bucket = (probs.float().clamp(0, 1) * (num_thresholds - 1)).floor().long()  # [N, C]
+    positive = F.one_hot(labels.long(), c).bool()
+    index = torch.arange(c, device=probs.device) * num_thresholds + bucket  # [N, C]: class-major bins
+    size = c * num_thresholds
+    pos = torch.bincount(index[positive], minlength=size)
+    neg = torch.bincount(index[~positive], minlength=size)
+    return torch.stack([pos, neg]).reshape(2, c, num_thresholds)
+
+
+def pr_curves(histograms: Tensor) -> dict[str, Tensor]:
+    """Counts and curves from :func:`pr_histograms`: ``tp, fp, tn, fn, precision, recall``, each
+    ``[C, T]`` fp64, at threshold ``t / (T - 1)`` for ``t = 0..T-1`` (a score counts as predicted positive
+    when its bucket is ``>= t``), exactly as TensorBoard's ``add_pr_curve`` computes them from raw scores."""
+    pos, neg = histograms.double()
+    tp = pos.flip(-1).cumsum(-1).flip(-1)
+    fp = neg.flip(-1).cumsum(-1).flip(-1)
+    tn, fn = fp[..., :1] - fp, tp[..., :1] - tp
+    tiny = 1e-7  # TensorBoard's minimum count: an empty denominator gives 0, not NaN
+    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "precision": tp / (tp + fp).clamp(min=tiny),
+            "recall": tp / (tp + fn).clamp(min=tiny)}

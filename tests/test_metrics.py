@@ -1,4 +1,4 @@
-"""metrics.py against hand-computed cases and dense references; figures.py renders real, non-blank images."""
+"""metrics.py against hand-computed cases and dense references (figures: tests/test_figures.py)."""
 from __future__ import annotations
 
 import math
@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from lacvit_dist import figures
 from lacvit_dist.metrics import (alignment, balanced_accuracy, confusion_matrix, effective_rank,
                                  embedding_health, isotropy_partition, knn_accuracy, knn_correct, knn_predict,
-                                 mean_pairwise_cosine, per_class_accuracy, same_class_pairs, topk_correct,
-                                 uniformity)
+                                 mean_pairwise_cosine, per_class_accuracy, pr_curves, pr_histograms, same_class_pairs,
+                                 topk_correct, uniformity)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -236,73 +234,26 @@ def test_embedding_health(isotropic, collapsed):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Figures
+# Precision-recall curves
 # ----------------------------------------------------------------------------------------------------------
-def check_image(img: np.ndarray) -> None:
-    assert isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
-    assert img.shape[0] > 50 and img.shape[1] > 50
-    assert img.std() > 10  # not blank
-    packed = (img[:, :, 0].astype(np.int64) << 16) | (img[:, :, 1].astype(np.int64) << 8) | img[:, :, 2]
-    assert len(np.unique(packed)) > 5  # more than a couple of colours
+def test_pr_histograms_summed_over_batches_give_tensorboards_curves():
+    """Counts from two batches, summed (as ranks and batches are), give exactly the one-vs-rest curve
+    TensorBoard's add_pr_curve computes from all the raw scores; the pooled curve is the sum over classes."""
+    from torch.utils.tensorboard.summary import compute_curve
 
-
-@pytest.mark.parametrize("num_classes", [3, 25, 120])
-def test_confusion_matrix_image(num_classes):
-    g = gen(num_classes)
-    labels = torch.randint(0, num_classes, (1000,), generator=g)
-    preds = torch.where(torch.rand(1000, generator=g) < 0.6, labels, torch.randint(0, num_classes, (1000,),
-                                                                                   generator=g))
-    cm = confusion_matrix(preds, labels, num_classes)
-    img = figures.confusion_matrix_image(cm, [f"class {c}" for c in range(num_classes)], title="test")
-    check_image(img)
-    assert max(img.shape[:2]) < 1400
-
-
-def test_confusion_matrix_image_colours_rows():
-    """Row-normalised: a perfect diagonal is bright on the diagonal, dark elsewhere, whatever the counts."""
-    cm = torch.diag(torch.tensor([1, 100]))
-    img = figures.confusion_matrix_image(cm, None).astype(int)
-    yellow = (img[:, :, 0] > 240) & (img[:, :, 1] > 220) & (img[:, :, 2] < 60)  # viridis at 1: (253, 231, 37)
-    purple = (abs(img - np.array([68, 1, 84])).sum(axis=2) < 10)  # viridis at 0
-    # Both diagonal cells (1 and 100 samples) are fully yellow, both off-diagonal cells fully dark; the
-    # colour bar adds a few pixels of each.
-    cell = 48 * 48
-    assert 2 * cell * 0.8 < yellow.sum() < 2 * cell * 1.2
-    assert 2 * cell * 0.8 < purple.sum() < 2 * cell * 1.2
+    c, t = 5, 127
+    labels = torch.randint(0, c, (300,), generator=gen(0))
+    probs = (torch.randn(300, c, generator=gen(1)) + 2 * F.one_hot(labels, c)).softmax(-1)
+    hist = pr_histograms(probs[:120], labels[:120], t) + pr_histograms(probs[120:], labels[120:], t)
+    assert hist.shape == (2, c, t) and hist.dtype == torch.int64
+    assert hist[0].sum() == 300 and hist[1].sum() == 300 * (c - 1)  # each row: one positive, c-1 negatives
+    curves = pr_curves(hist)
+    for k in range(c):
+        ref = compute_curve((labels == k).numpy(), probs[:, k].numpy(), num_thresholds=t)
+        for row, key in enumerate(("tp", "fp", "tn", "fn", "precision", "recall")):
+            np.testing.assert_allclose(curves[key][k].numpy(), ref[row], rtol=1e-12, atol=1e-12, err_msg=key)
+    pooled = pr_curves(hist.sum(dim=1, keepdim=True))
+    ref = compute_curve(F.one_hot(labels, c).reshape(-1).numpy(), probs.reshape(-1).numpy(), num_thresholds=t)
+    np.testing.assert_allclose(pooled["precision"][0].numpy(), ref[4], rtol=1e-12)
     with pytest.raises(ValueError):
-        figures.confusion_matrix_image(cm, ["only one name"])
-
-
-def test_per_class_bar_and_scatter_images(tmp_path):
-    cm = torch.tensor([[3, 1, 0], [0, 0, 0], [1, 1, 2]])
-    acc, support = per_class_accuracy(cm)
-    bar = figures.per_class_bar_image(acc, ["cat", "dog", "a rather long class name"], support=support)
-    check_image(bar)
-    check_image(figures.per_class_bar_image(torch.rand(300, generator=gen(1))))
-    points, labels = clusters(40, 4, 2, 1.0, seed=2)
-    scatter = figures.scatter_image(points, labels, ["a", "b", "c", "d"], size=256)
-    check_image(scatter)
-    assert scatter.shape[0] == 256 and scatter.shape[1] > 256  # legend on the right
-    check_image(figures.scatter_image(torch.randn(500, 2, generator=gen(3)), torch.arange(500) % 30))
-
-    path = figures.save_png(scatter, tmp_path / "sub" / "scatter.png")
-    assert path.exists() and not [p for p in path.parent.iterdir() if p.name != "scatter.png"]  # no tmp left
-    with Image.open(path) as reopened:
-        assert reopened.format == "PNG" and reopened.size == (scatter.shape[1], scatter.shape[0])
-        assert np.array_equal(np.asarray(reopened.convert("RGB")), scatter)
-    with pytest.raises(ValueError):
-        figures.save_png(scatter.astype(np.float32), tmp_path / "bad.png")
-    assert not (tmp_path / "bad.png").exists()
-
-
-def test_mean_std_bars_are_proportional_and_figures_join_side_by_side():
-    bars = figures.mean_std_bar_image(["CE", "LaCViT"], [0.25, 0.75], [0.01, 0.05], title="Top-1")
-    check_image(bars)
-    pixels = bars.reshape(-1, 3)
-    areas = [int((pixels == np.array(colour, dtype=np.uint8)).all(1).sum()) for colour in figures.class_colors(2)]
-    assert areas[0] > 0 and abs(areas[1] / areas[0] - 3.0) < 0.1  # bar length follows the mean
-    with pytest.raises(ValueError):
-        figures.mean_std_bar_image(["one"], [0.5, 0.6], [0.0, 0.0])
-    row = figures.side_by_side([bars, np.zeros((10, 7, 3), np.uint8)], gap=5)
-    assert row.shape == (bars.shape[0], bars.shape[1] + 5 + 7, 3)
-    assert np.array_equal(row[:, : bars.shape[1]], bars) and (row[:10, -7:] == 0).all()
+        pr_histograms(probs, labels[:10])
