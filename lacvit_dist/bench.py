@@ -166,10 +166,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from . import distributed as D
     from .config import load_config
-    from .engine import _model_dtype, build_optimizer, initialize_engine
-    from .models import image_stats
-    from .resilience import NonFiniteGuard
-    from .tasks import Stage1Contrastive
 
     overrides = list(args.overrides)
     if args.batch is not None:
@@ -180,29 +176,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         overrides.append(f"run.device={args.device}")
     config_path = REPO / PRESETS[args.preset] if args.preset else args.config
     cfg = load_config(config_path, overrides)
-    want = cfg.run.device
-    use_cuda = torch.cuda.is_available() if want == "auto" else want == "cuda"
-    world = D.detect_world()
-    if use_cuda:
-        torch.cuda.set_device(world.local_rank)
-    backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if use_cuda else "gloo")
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        D.init_distributed(world, backend)  # a 1-rank gloo group when there is no launcher
+    with D.job(cfg.run.device, cfg.deepspeed.backend) as job:  # a 1-rank gloo group when there is no launcher
+        if job.device.type == "cpu":
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        return _benchmark(cfg, args)
+
+
+def _benchmark(cfg, args: argparse.Namespace) -> dict[str, Any]:
+    from . import distributed as D
+    from .engine import build_optimizer, initialize_engine
+    from .models import count_parameters, image_stats
+    from .resilience import NonFiniteGuard
+    from .tasks import Stage1Contrastive, engine_dtype
+
     rank, world_size = D.rank(), D.world_size()
     show = rank == 0 and not args.quiet
-    if not use_cuda:
-        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-
     stage = cfg.stage1
     micro, accum = stage.micro_batch_size, stage.grad_accum_steps
     classes = args.classes or max(2, micro // 4)
     total_steps = args.warmup + args.steps + (0 if args.no_flops else 1)
     torch.manual_seed(cfg.run.seed)
     task = Stage1Contrastive(cfg, num_classes=classes)
-    params = sum(p.numel() for p in task.model.parameters())
+    params = count_parameters(task.model)
     optimizer, scheduler = build_optimizer(task.model, stage, total_steps)
     engine = initialize_engine(cfg, stage, task.model, optimizer, scheduler, world_size)
-    device, dtype = engine.device, _model_dtype(engine)
+    device, dtype = engine.device, engine_dtype(engine)
     img = image_stats(task.backbone).img_size
     batches = _synthetic(micro, accum, img, classes, device, dtype, seed=1000 + rank)
     guard = NonFiniteGuard(cfg.run.max_nonfinite_steps)
@@ -271,7 +269,7 @@ def markdown_table(r: dict[str, Any]) -> str:
         ("views/s", fmt(r["views_per_s"], ".1f")),
         (f"peak memory (GiB, {r['peak_memory_kind']})", fmt(r["peak_memory_gib"], ".3f")),
         ("GFLOPs per step per rank (counted)", fmt(None if r["flops_per_step"] is None else r["flops_per_step"] / 1e9, ".2f")),
-        ("achieved TFLOP/s per rank", fmt(r.get("tflops_per_s_per_rank"), ".3f")),
+        ("achieved TFLOP/s per rank", fmt(r.get("tflops_per_s_per_rank"), ".3g")),
         ("MFU" if r["checkpointing"] == "none" else "MFU (counted FLOPs include the recompute: HFU)",
          fmt(r["mfu"], ".3f")),
         ("bare PyTorch step (median, s)", fmt(r["bare_step_s"], ".4f")),

@@ -27,11 +27,17 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     stages: list[str] = field(default_factory=lambda: ["stage1", "stage2"])
     # Checkpoints (every rank, atomic "latest"): at every epoch end, every N steps if > 0, on SIGTERM/SIGUSR1.
-    # A restart with the same run.name resumes the unfinished stage from the latest and skips finished ones.
+    # A restart with the same run.name resumes the unfinished stage from the latest and skips finished ones
+    # whose recorded settings match; a finished stage with other settings stops the run (naming them) unless
+    # reuse_finished_stages is true (then it is kept as it is, with a warning).
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
+    reuse_finished_stages: bool = False
     max_nonfinite_steps: int = 5  # non-finite loss: skip the step on all ranks; stop after this many in a row
-    stop_check_every_steps: int = 10  # how often ranks agree on a pending SIGTERM/SIGUSR1 (one all-reduce)
+    # How often ranks agree on a pending SIGTERM/SIGUSR1 (one all-reduce): every N steps, and sooner when
+    # steps are slow, so that about every S seconds; also before and after every evaluation.
+    stop_check_every_steps: int = 10
+    stop_check_every_s: float = 30.0
 
 
 @dataclass
@@ -39,14 +45,20 @@ class ModelConfig:
     name: str = "vit_large_patch16_224"  # any timm ViT name
     # Size overrides passed to timm.create_model (img_size, patch_size, embed_dim, depth, num_heads, ...).
     overrides: dict[str, Any] = field(default_factory=dict)
-    pretrained_path: str | None = None  # local timm-format checkpoint; nothing is downloaded
+    pretrained_path: str | None = None  # local checkpoint file (layout: checkpoint_format); nothing is downloaded
+    # timm's own weights for `name` (`<architecture>.<tag>`, e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k or
+    # vit_base_patch16_224.mae; no tag: timm's default) from the Hugging Face cache ($HF_HOME/hub); with
+    # HF_HUB_OFFLINE=1 nothing is downloaded (fetch first: lacvit-fetch-weights --config <file>).
+    pretrained: bool = False
     global_pool: Literal["token", "avg"] = "token"  # CLS token, or mean of patch tokens (MAE/SimMIM style)
     drop_path_rate: float = 0.0
     proj_hidden_dim: int | None = None  # None: the backbone's embedding width, as in the paper
     proj_dim: int = 128
-    # Layout of pretrained_path: "timm" (read by timm itself), "mae" (facebookresearch/mae), "simmim"
-    # (microsoft/SimMIM), "data2vec" (data2vec_vision / BEiT layout), or "auto" (detected from the keys).
-    # Non-timm layouts are renamed to timm's keys; a backbone weight that would be dropped is an error.
+    # Layout of pretrained_path: "timm", "mae" (facebookresearch/mae), "simmim" (microsoft/SimMIM), "data2vec"
+    # (data2vec_vision, BEiT, BEiT v2: the BEiT code base's layout), or "auto" (detected from the keys). All go
+    # through timm's checkpoint filter for `name`: relative position bias (released SimMIM ViT-B, data2vec,
+    # BEiT) needs a beit_* model, absolute position embeddings a vit_* one. A backbone weight that would be
+    # dropped, or a checkpoint weight with no place, is an error.
     checkpoint_format: Literal["auto", "timm", "mae", "simmim", "data2vec"] = "auto"
     # Activation checkpointing per transformer block: timm's own (set_grad_checkpointing) or fairscale's
     # checkpoint_wrapper (checkpoint_offload=True: keep the saved block inputs on the CPU).
@@ -58,7 +70,9 @@ class ModelConfig:
 class DataConfig:
     root: str = "data/digits"  # folder with _info.json and the tar shards
     train_split: str = "train"
-    val_split: str = "val"
+    # null: no val split (shards written with --val 0): no kNN/val monitor during or after stage 1, no val
+    # metrics for the classifiers; results.json records val_split: null.
+    val_split: str | None = "val"
     test_split: str = "test"
     num_workers: int = 2
     shuffle_buffer: int = 1000
@@ -67,8 +81,9 @@ class DataConfig:
     crop_scale_min: float = 0.2
     color_jitter: float = 0.4
     hflip: bool = True  # off for data where mirroring changes the class (digits, text)
-    # Training: skip undecodable images, missing/bad labels and unreadable tars, count them per kind and log
-    # the counts; "error" stops at the first one, naming shard and key. Evaluation is always strict.
+    # Every read of the train split (training stream, stage-1 kNN bank): skip undecodable images, missing/bad
+    # labels and samples lost to unreadable or cut-short tars, count them per kind (results.json, TensorBoard);
+    # "error" stops at the first one, naming split, shard and key. Val and test reads are always strict.
     on_bad_sample: Literal["skip", "error"] = "skip"
     # "resampled": every rank x worker draws shards with replacement forever; an epoch is steps_per_epoch
     # steps. "finite": each epoch reshuffles the shards (seed + epoch) and deals them to ranks, then workers, so
@@ -137,6 +152,11 @@ class DeepSpeedConfig:
     # for GPUs; "aot_eager" captures forward and backward graphs without generating code (a cheap check).
     compile: bool = False
     compile_backend: str = "inductor"
+    # Under bf16, gradients are reduced across ranks in grad_reduce_dtype and summed over micro-batches in
+    # grad_accum_dtype. DeepSpeed's default for both is bf16, whose running sums lose ~5e-3 relative over 16
+    # terms; "fp32" (ours) keeps them exact to fp32, "model" restores DeepSpeed's bf16.
+    grad_reduce_dtype: Literal["fp32", "model"] = "fp32"
+    grad_accum_dtype: Literal["fp32", "model"] = "fp32"
 
 
 @dataclass
@@ -308,6 +328,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"run.{key}: must be >= 0, got {getattr(cfg.run, key)}")
     if cfg.run.stop_check_every_steps < 1:
         raise ConfigError(f"run.stop_check_every_steps: must be >= 1, got {cfg.run.stop_check_every_steps}")
+    if cfg.run.stop_check_every_s <= 0:
+        raise ConfigError(f"run.stop_check_every_s: must be > 0, got {cfg.run.stop_check_every_s}")
     if cfg.run.max_nonfinite_steps < 1:
         raise ConfigError(f"run.max_nonfinite_steps: must be >= 1, got {cfg.run.max_nonfinite_steps}")
     for name in STAGES:
@@ -325,6 +347,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}.optimizer.layer_decay: must be in (0, 1], got {stage.optimizer.layer_decay}")
         if len(stage.optimizer.betas) != 2:
             raise ConfigError(f"{name}.optimizer.betas: expected two values, got {stage.optimizer.betas}")
+    if cfg.model.pretrained and cfg.model.pretrained_path is not None:
+        raise ConfigError("model.pretrained: true and model.pretrained_path both name the starting weights; "
+                          "set one (pretrained: timm's weights for model.name; pretrained_path: a local file)")
     if cfg.stage1.temperature <= 0:
         raise ConfigError(f"stage1.temperature: must be > 0, got {cfg.stage1.temperature}")
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:
@@ -344,6 +369,21 @@ def validate(cfg: Config) -> None:
                           f"same-class groups of that size)")
     if cfg.deepspeed.precision == "fp16" and cfg.run.device == "cpu":
         raise ConfigError("deepspeed.precision: fp16 is not supported by DeepSpeed on CPU; use fp32 or bf16")
+    _check_bf16_accumulation(cfg)
+
+
+def _check_bf16_accumulation(cfg: Config) -> None:
+    """DeepSpeed 0.19.8 sums ZeRO-0 bf16 gradients in bf16 only (fp32 sums need its ZeRO optimizers)."""
+    ds = cfg.deepspeed
+    if ds.precision != "bf16" or ds.zero_stage != 0 or ds.grad_accum_dtype != "fp32":
+        return
+    for name in cfg.run.stages:
+        if cfg.stage(name).grad_accum_steps > 1:
+            raise ConfigError(
+                f"deepspeed.grad_accum_dtype: fp32 sums of bf16 gradients need deepspeed.zero_stage >= 1 "
+                f"(DeepSpeed's ZeRO-0 bf16 path accumulates in bf16), and {name}.grad_accum_steps is "
+                f"{cfg.stage(name).grad_accum_steps}. Set deepspeed.zero_stage=1 (same results, optimizer states "
+                f"partitioned), or deepspeed.grad_accum_dtype=model to accept bf16 sums")
 
 
 def check_batch_arithmetic(stage_name: str, stage: StageConfig, world_size: int, train_samples: int) -> int:

@@ -2,11 +2,12 @@
 and the collectives the losses and the evaluation need."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -97,6 +98,60 @@ def init_distributed(world: WorldInfo, backend: str) -> None:
                       MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
     # Wraps an already-initialised torch process group instead of creating one.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+@dataclass(frozen=True)
+class Job:
+    """This process's place in a started job: who it is, where it computes, how ranks talk."""
+    world: WorldInfo
+    device: torch.device
+    backend: str
+
+
+def resolve_device(requested: str) -> str:
+    """'cpu' or 'cuda' for run.device ('auto': a GPU when one is visible)."""
+    from .config import ConfigError
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device: cuda requested but no GPU is visible")
+    return requested
+
+
+def set_threads(world: WorldInfo) -> None:
+    """Share the cores between the ranks of this node; the deepspeed launcher does not set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+                or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+@contextlib.contextmanager
+def job(device: str = "auto", backend: str = "auto", seed: int | None = None) -> Iterator[Job]:
+    """Join the job the launcher started (or a one-process job) the one way every program does: world from
+    the environment, one GPU per local rank, threads shared per node, the process group (through DeepSpeed),
+    and the seed. A process group that already exists (a caller's) is used and left alone."""
+    world = detect_world()
+    kind = resolve_device(device)
+    set_threads(world)
+    if kind == "cuda":
+        torch.cuda.set_device(world.local_rank)  # before the process group: NCCL binds to the current device
+    backend = backend if backend != "auto" else ("nccl" if kind == "cuda" else "gloo")
+    owned = not (dist.is_available() and dist.is_initialized())
+    init_distributed(world, backend)  # hands an existing group to DeepSpeed too
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        yield Job(world, torch.device("cuda", world.local_rank) if kind == "cuda" else torch.device("cpu"), backend)
+    finally:
+        if owned and dist.is_initialized():
+            import deepspeed
+
+            # Through DeepSpeed, which also forgets the groups it cached: a second job in this process (two
+            # stages under submitit's debug executor) would otherwise meet groups of the destroyed world.
+            deepspeed.comm.destroy_process_group()
 
 
 def world_size() -> int:

@@ -17,18 +17,20 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import distributed as dist_utils
-from .checkpoint import (find_latest_everywhere, gather_rng_states, load_training_checkpoint, save_state_dict,
-                         save_training_checkpoint, set_rng_state, tag_for_step, write_json)
-from .config import Config, ConfigError, StageConfig, deep_merge, check_batch_arithmetic, to_dict
+from .checkpoint import (changed_settings, find_latest_everywhere, gather_rng_states, load_training_checkpoint,
+                         save_state_dict, save_training_checkpoint, set_rng_state, tag_for_step, write_json)
+from .config import (Config, ConfigError, DeepSpeedConfig, StageConfig, check_batch_arithmetic, deep_merge,
+                     to_dict)
+from .data.checks import check_data
 from .data.pipeline import BAD_SAMPLE_KINDS, eval_loader, finite_epoch_plan, train_loader
 from .data.shards import DatasetInfo
 from .data.transforms import evaluation
-from .evaluation import evaluate_classifier, evaluate_embeddings, lockstep
-from .figures import confusion_matrix_image, per_class_bar_image
-from .models import ContrastiveModel, estimate_memory, format_memory_estimate
-from .resilience import REQUEUE_EXIT_CODE, NonFiniteGuard, StopSignal
-from .tasks import VIEWS, Task
-from .tb import TensorBoard, log
+from .evaluation import evaluate_classifier, evaluate_embeddings, lockstep, skipped_in_bank
+from .export import export_timm
+from .models import ContrastiveModel, count_parameters, estimate_memory, format_memory_estimate
+from .resilience import REQUEUE_EXIT_CODE, NonFiniteGuard, StopCheck, StopSignal
+from .tasks import VIEWS, Task, engine_dtype
+from .tb import PRTally, TensorBoard, format_duration, log
 
 
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -52,6 +54,15 @@ def deepspeed_config(cfg: Config, stage: StageConfig, world_size: int) -> dict[s
         raise ConfigError(f"deepspeed.config_file: {path} defines optimizer/scheduler; they come from the "
                           f"stage's optimizer section (timm's param groups, warmup + cosine)")
     merged = deep_merge(generated, user)
+    offload = merged.get("zero_optimization", {}).get("offload_optimizer") or {}
+    if offload.get("device", "none") != "none":
+        raise ConfigError(
+            f"deepspeed.config_file: {path} sets zero_optimization.offload_optimizer (device "
+            f"{offload['device']!r}), which DeepSpeed runs only with its own C++ CPU Adam, not with the stage's "
+            f"torch optimizer (timm's parameter groups, SGD or AdamW). Remove offload_optimizer and fit memory "
+            f"with deepspeed.zero_stage=3, model.activation_checkpointing, or a "
+            f"smaller micro_batch_size with more grad_accum_steps (stage1.accumulation=enlarge_contrast keeps "
+            f"the contrast set)")
     if merged["bf16"].get("enabled") and merged["bf16"].get("check_grad_overflow") is False:
         raise ConfigError(f"deepspeed.config_file: {path} sets bf16.check_grad_overflow=false; the non-finite "
                           "step guard relies on DeepSpeed skipping steps with non-finite gradients under bf16")
@@ -60,7 +71,7 @@ def deepspeed_config(cfg: Config, stage: StageConfig, world_size: int) -> dict[s
 
 def _generated_deepspeed_config(cfg: Config, stage: StageConfig, world_size: int) -> dict[str, Any]:
     precision = cfg.deepspeed.precision
-    return {
+    generated = {
         "train_micro_batch_size_per_gpu": stage.micro_batch_size,
         "gradient_accumulation_steps": stage.grad_accum_steps,
         "train_batch_size": stage.micro_batch_size * stage.grad_accum_steps * world_size,
@@ -73,6 +84,24 @@ def _generated_deepspeed_config(cfg: Config, stage: StageConfig, world_size: int
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16":
+        generated.update(_bf16_gradient_dtypes(cfg.deepspeed, stage))
+    return generated
+
+
+def _bf16_gradient_dtypes(ds: DeepSpeedConfig, stage: StageConfig) -> dict[str, Any]:
+    """Where bf16 gradients are reduced and summed (config.DeepSpeedConfig.grad_*_dtype). ZeRO-0 can only sum
+    in bf16 (validated at load time when a stage accumulates); with one micro-batch per step nothing is summed."""
+    accumulate_fp32 = ds.grad_accum_dtype == "fp32" and ds.zero_stage >= 1
+    return {"communication_data_type": "fp32" if ds.grad_reduce_dtype == "fp32" else "bf16",
+            "data_types": {"grad_accum_dtype": "fp32" if accumulate_fp32 else "bf16"}}
+
+
+def gradient_dtypes(engine) -> str:
+    """'gradients reduced in X, accumulated in Y' for the start-up summary, read off the running engine."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return (f"gradients reduced in {name[engine.communication_data_type]}, accumulated in "
+            f"{name[engine.get_data_types()[1]]}")
 
 
 def build_optimizer(model: torch.nn.Module, stage: StageConfig, total_steps: int):
@@ -108,12 +137,6 @@ def initialize_engine(cfg: Config, stage: StageConfig, model: torch.nn.Module, o
     return engine
 
 
-def _model_dtype(engine) -> torch.dtype:
-    if engine.bfloat16_enabled():
-        return torch.bfloat16
-    return torch.float16 if engine.fp16_enabled() else torch.float32
-
-
 def _full_state_dict(engine, module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
     """Complete state dict on rank 0 (None elsewhere); under ZeRO-3 every rank joins the gather."""
     if zero_stage == 3:
@@ -129,6 +152,8 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     stage = cfg.stage(task.name)
     world = dist_utils.world_size()
     rank = dist_utils.rank()
+    for warning in check_data(cfg, info, rank, world):  # every split and shard the run reads, before step 1
+        log.warning("%s: %s", task.name, warning)
     train_split = info.split(cfg.data.train_split)
     steps_per_epoch = check_batch_arithmetic(task.name, stage, world, train_split.num_samples)
     class_aware_m = cfg.data.class_aware_m if task.name == "stage1" else 0  # partners matter to the contrast only
@@ -141,18 +166,20 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
 
     optimizer, scheduler = build_optimizer(task.model, stage, total_steps)
     engine = initialize_engine(cfg, stage, task.model, optimizer, scheduler, world)
-    device, dtype = engine.device, _model_dtype(engine)
-    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    device = engine.device
+    trainable = count_parameters(engine.module, trainable_only=True)
     terms = task.contrast_terms(stage.micro_batch_size, stage.grad_accum_steps, world)
     log.info("%s: world %d, micro batch %d x accum %d -> global batch %d images%s; %d steps/epoch x %d epochs; "
              "%s, ZeRO %d, %.2fM trainable params, image size %d", task.name, world, stage.micro_batch_size,
              stage.grad_accum_steps, global_batch,
              f", {terms} contrast terms per anchor" if terms is not None else "", steps_per_epoch, stage.epochs,
              cfg.deepspeed.precision, cfg.deepspeed.zero_stage, trainable / 1e6, task.stats.img_size)
+    log.info("%s: %s", task.name, gradient_dtypes(engine))
     if task.name == "stage1":  # the full backbone + head train only here; stage 2 trains a linear head
         log.info("%s: %s", task.name, format_memory_estimate(estimate_memory(
             cfg.model, stage.micro_batch_size, VIEWS, cfg.deepspeed.precision, cfg.deepspeed.zero_stage, world,
-            optimizer=stage.optimizer.name)))
+            optimizer=stage.optimizer.name, accumulation_steps=stage.grad_accum_steps,
+            enlarge_contrast=cfg.stage1.accumulation == "enlarge_contrast")))
 
     torch.manual_seed(cfg.run.seed * 1000 + rank + 1)  # per-rank RNG; the model was initialised before this
     ckpt_dir = stage_dir / "checkpoints"
@@ -166,6 +193,10 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     if tag is not None:
         state = load_training_checkpoint(engine, ckpt_dir, tag)
         _check_resumable(state, data_position, ckpt_dir / tag)
+        changed = changed_settings(state["config"], cfg, task.name) if "config" in state else []
+        if changed:  # e.g. more epochs: the restored step count and LR schedule would belong to neither config
+            raise ConfigError(f"run.name: checkpoint {ckpt_dir / tag} was saved with other settings: "
+                              f"{'; '.join(changed)} (saved -> now). Restore them to resume, or start a new run.name")
         step, history, elapsed_before = state["step"], state["history"], state["elapsed_s"]
         bad_before = state.get("bad_samples", bad_before)
         guard.load_state_dict(state["nonfinite"])
@@ -195,13 +226,13 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     running: dict[str, torch.Tensor] = {}
     task.set_train_mode(engine.module)
     with StopSignal() as stop:
+        stop_check = StopCheck(stop, cfg.run.stop_check_every_steps, cfg.run.stop_check_every_s, step, device)
         while step < total_steps:
             micro_batches = []
             for _ in range(stage.grad_accum_steps):
                 batch = next(batches)
                 bad_per_stream[batch.bad_samples[0]] = batch.bad_samples[1]
-                micro_batches.append((batch.images.to(device, dtype, non_blocking=True),
-                                      batch.labels.to(device, non_blocking=True)))
+                micro_batches.append((batch.images, batch.labels))  # moved to the device when used
             skipped_before = guard.skipped
             metrics = task.train_step(engine, micro_batches, guard)
             if guard.skipped == skipped_before:  # a skipped step's metrics are NaN: keep them out of the means
@@ -221,19 +252,25 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
                 history.append({"step": step, "epoch": epoch, **values})
                 shown = {k: v for k, v in values.items() if not k.startswith("bad_samples/")}
                 shown["bad_samples"] = sum(v for k, v in values.items() if k.startswith("bad_samples/"))
-                log.info("%s epoch %d step %d/%d  %s", task.name, epoch, step, total_steps,
-                         "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+                log.info("%s epoch %d step %d/%d  %s  images/s/gpu %.4g  eta %s", task.name, epoch, step,
+                         total_steps, "  ".join(f"{k} {v:.4g}" for k, v in shown.items()),
+                         values["images_per_s"] / world, format_duration((total_steps - step) * elapsed / window_steps))
                 running, window_start, window_steps = {}, time.time(), 0
-            if epoch_end and epoch % stage.eval_every_epochs == 0 and step < total_steps:
+            evaluating = (epoch_end and epoch % stage.eval_every_epochs == 0 and step < total_steps
+                          and cfg.data.val_split is not None)
+            # Every rank learns of a signal any rank got and they stop together: before an evaluation (it may
+            # be slow), after it, at epoch ends, at the last step, and every few steps or seconds in between
+            # (StopCheck: one all-reduce, at the same steps on every rank, kept off most steps' hot path).
+            stopping = evaluating and stop_check.agree(step)
+            if evaluating and not stopping:
                 evaluate(cfg.data.val_split, step, epoch)
             every = cfg.run.checkpoint_every_steps
             if step < total_steps and (epoch_end or (every and step % every == 0)):
                 save()
                 saved_at = step
-            # Every rank learns of a signal any rank got and they stop together. The check is an all-reduce
-            # plus a host read, so it runs every few steps, not on every step's hot path.
-            check = step % cfg.run.stop_check_every_steps == 0 or epoch_end or step == total_steps
-            if check and stop.requested_anywhere(device):
+            if not stopping and (epoch_end or step == total_steps or stop_check.due(step)):
+                stopping = stop_check.agree(step)
+            if stopping:
                 if saved_at != step:
                     save()
                 log.warning("%s: stop requested (%s); checkpoint at step %d saved, exiting with code %d for a "
@@ -246,14 +283,21 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
                                "nonfinite_skipped": guard.skipped, "train_log": history}
     # The model evaluated is the last one: nothing is selected on validation or test data. Stage 1 never
     # touches the test split (its monitor uses train + val); the classifiers report it once, at the end.
-    results["val"] = evaluate(cfg.data.val_split, step, stage.epochs, images=True)
+    results["val_split"] = cfg.data.val_split  # null: run without a val split, so no "val" results
+    if cfg.data.val_split is not None:
+        results["val"] = evaluate(cfg.data.val_split, step, stage.epochs, images=True)
     if task.classifies:
         results["test"] = evaluate(cfg.data.test_split, step, stage.epochs, images=True)
+    # Samples the training stream skipped, per kind, over all ranks and restarts (a collective).
+    results["bad_samples"] = {k.removeprefix("bad_samples/"): int(v)
+                              for k, v in _bad_sample_totals(bad_per_stream, bad_before).items()}
     tb.hparams(_hparams(cfg, task.name, global_batch, world), {
-        **{f"val_{k}": v for k, v in results["val"].items()}, **{f"test_{k}": v for k, v in results.get("test", {}).items()}})
+        **{f"val_{k}": v for k, v in results.get("val", {}).items()},
+        **{f"test_{k}": v for k, v in results.get("test", {}).items()}})
     if saved_at != step:
         save()
-    results["export"] = str(_export(cfg, task, engine, stage_dir, step))
+    results["export"] = str(_export(cfg, task, engine, stage_dir, step, info.class_names))
+    results["timm_export"] = str(stage_dir / TIMM_EXPORT)
     results["wall_time_s"] = elapsed_before + time.time() - started
     if rank == 0:
         write_json(results, stage_dir / "results.json")
@@ -309,50 +353,63 @@ class _Evaluator:
         self.cfg, self.task, self.engine, self.info, self.tb = cfg, task, engine, info, tb
         self.transform = evaluation(task.stats)
         self.batch_size = cfg.stage(task.name).micro_batch_size
+        self.history: list[dict[str, float]] = []  # stage 1's monitor at every evaluation, for its figure
 
-    def _loader(self, split_name: str):
+    def _loader(self, split_name: str, skip_bad_samples: bool = False):
+        """(the pass, its batches): the pass reports what it skipped; under ZeRO-3 all ranks run as many batches."""
         loader = eval_loader(self.info.split(split_name), self.info.num_classes, self.transform, self.batch_size,
                              rank=dist_utils.rank(), world_size=dist_utils.world_size(),
-                             num_workers=self.cfg.data.num_workers)
+                             num_workers=self.cfg.data.num_workers, skip_bad_samples=skip_bad_samples)
         if self.cfg.deepspeed.zero_stage < 3:
-            return loader
+            return loader, loader
         size = self.task.stats.img_size
-        return lockstep(loader, lambda: (torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long), []))
+        return loader, lockstep(loader, lambda: (torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long), []))
 
     def __call__(self, split_name: str, step: int, epoch: int, images: bool = False) -> dict[str, Any]:
         engine, task, where = self.engine, self.task, f"split {split_name!r} of {self.info.root}"
-        device, dtype = engine.device, _model_dtype(engine)
+        device, dtype = engine.device, engine_dtype(engine)
         if task.classifies:
-            metrics = evaluate_classifier(engine.module, self._loader(split_name), device, dtype,
-                                          self.info.num_classes, self.info.split(split_name).num_samples, where)
+            pr = PRTally(self.info.num_classes) if images and self.cfg.logging.tensorboard else None
+            batches = self._loader(split_name)[1]
+            metrics = evaluate_classifier(engine.module, pr.tap(engine.module, batches) if pr else batches, device,
+                                          dtype, self.info.num_classes, self.info.split(split_name).num_samples, where)
             log.info("%s epoch %d %s top1 %.4f top5 %.4f (%d samples)", task.name, epoch, split_name,
                      metrics["top1"], metrics["top5"], metrics["samples"])
-            if images and dist_utils.rank() == 0 and self.cfg.logging.tensorboard:
-                names = self.info.class_names
-                self.tb.image("confusion", confusion_matrix_image(metrics["confusion"], names), step, split_name)
-                self.tb.image("per_class_accuracy", per_class_bar_image(
-                    metrics["per_class_accuracy"], names, support=metrics["support"]), step, split_name)
+            if pr is not None:  # figures on rank 0 only (a no-op elsewhere); the PR counts are summed by all
+                self.tb.classifier_figures(metrics, self.info.class_names, pr.histograms(), step, split_name)
         else:
             engine.module.eval()
-            expected = (self.info.split(self.cfg.data.train_split).num_samples,
-                        self.info.split(split_name).num_samples)
+            # The bank is the train split: read as training reads it (data.on_bad_sample), every sample of it
+            # embedded or skipped and counted; val stays strict.
+            train = self.info.split(self.cfg.data.train_split)
+            bank, bank_batches = self._loader(train.name, skip_bad_samples=self.cfg.data.on_bad_sample == "skip")
+            bank_where = f"split {train.name!r} of {self.info.root} (kNN bank)"
             metrics, embeddings = evaluate_embeddings(
-                task.encode(engine.module), self._loader(self.cfg.data.train_split), self._loader(split_name),
-                device, dtype, self.info.num_classes, expected, where)
+                task.encode(engine.module), bank_batches, self._loader(split_name)[1], device, dtype,
+                self.info.num_classes, (None, self.info.split(split_name).num_samples), where, bank_where=bank_where)
+            skipped = skipped_in_bank(bank.skipped, metrics["bank_samples"], train.num_samples, bank_where)
+            metrics.update({f"bank_bad_samples/{kind}": count for kind, count in skipped.items()})
             log.info("%s epoch %d %s kNN top1 %.4f, backbone isotropy %.3f, effective rank %.1f", task.name,
                      epoch, split_name, metrics["knn_top1"], metrics["backbone/isotropy"],
                      metrics["backbone/effective_rank"])
-            if images:  # a labelled sample for TensorBoard's projector (a no-op off rank 0)
+            self.history.append({"step": step, **metrics})
+            if images:  # a labelled sample for TensorBoard's projector and the figures (no-ops off rank 0)
                 sample, labels = embeddings["backbone"][:2000], embeddings["labels"][:2000].tolist()
                 self.tb.embedding("backbone", sample.cpu(), [self.info.class_names[i] for i in labels], step,
                                   split_name)
+                self.tb.embedding_figures(embeddings, self.info.class_names, self.history, step, split_name)
         task.set_train_mode(engine.module)
         self.tb.scalars(metrics, step, group=split_name)
         return metrics
 
 
-def _export(cfg: Config, task: Task, engine, stage_dir: Path, step: int) -> Path:
-    """Stage 1: the backbone alone (input of stage 2). Others: the whole timm classifier."""
+TIMM_EXPORT = "timm"  # <stage>/timm/: config.json + model.safetensors, timm.create_model("local-dir:...")
+
+
+def _export(cfg: Config, task: Task, engine, stage_dir: Path, step: int, class_names: list[str]) -> Path:
+    """Stage 1: the backbone alone (input of stage 2). Others: the whole timm classifier. Written twice from
+    one state dict: <name>.safetensors + <name>.json (what stage 2 and tools/evaluate.py read) and, in timm's
+    own format, <stage>/timm/ (lacvit_dist.export)."""
     module = engine.module.backbone if isinstance(engine.module, ContrastiveModel) else engine.module
     name = "backbone.safetensors" if task.name == "stage1" else "classifier.safetensors"
     state = _full_state_dict(engine, module, cfg.deepspeed.zero_stage)
@@ -362,5 +419,8 @@ def _export(cfg: Config, task: Task, engine, stage_dir: Path, step: int) -> Path
                                       "source_checkpoint": str(stage_dir / "checkpoints" / tag_for_step(step)),
                                       "model_overrides": cfg.model.overrides, "num_classes": task.num_classes,
                                       "global_pool": cfg.model.global_pool, "config": to_dict(cfg)})
+        export_timm(module, state, stage_dir / TIMM_EXPORT, stats=task.stats, class_names=class_names, manifest={
+            "stage": task.name, "step": step, "source_checkpoint": str(stage_dir / "checkpoints" / tag_for_step(step)),
+            "config": to_dict(cfg)})
     dist_utils.barrier()
     return path

@@ -2,24 +2,27 @@
 classifier used by stage 2 and the CE baseline (a timm model with its own head, so that the exported
 state dict loads with `timm.create_model(name, checkpoint_path=..., num_classes=...)`).
 
-Also: pretrained weights in the MAE / SimMIM / data2vec layouts (renamed to timm's keys, position embeddings
-resampled, a dropped backbone weight is an error), per-block activation checkpointing (timm or fairscale),
-and a start-up memory estimate (`estimate_memory`)."""
+Also: local pretrained weights in the timm / MAE / SimMIM / data2vec (BEiT) layouts (through timm's own
+checkpoint filters into vit_* or, with relative position bias, beit_* models; a dropped backbone weight is
+an error), per-block activation checkpointing (timm or fairscale), and a start-up memory estimate
+(`estimate_memory`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .checkpoint import load_state_dict_file
+from .checkpoint import flatten_settings, load_state_dict_file, settings_differences
 from .config import ConfigError, ModelConfig
 from .data.transforms import ImageStats
 
@@ -30,37 +33,48 @@ def create_backbone(cfg: ModelConfig, num_classes: int = 0, *, checkpointing: bo
     """A timm model; num_classes=0 gives the pooled embedding (CLS after the final norm, or mean of patch
     tokens + fc_norm when global_pool='avg'), num_classes>0 adds timm's linear head on top of it.
 
-    Weights from cfg.pretrained_path: timm-format files through timm's own mechanism (position embeddings
-    resampled, head dropped); MAE / SimMIM / data2vec files through `load_pretrained_backbone`.
+    Weights from cfg.pretrained (timm's weights for the tag in cfg.name, from the Hugging Face cache:
+    `load_timm_weights`) or cfg.pretrained_path: timm / MAE / SimMIM / data2vec (BEiT) files through
+    `load_pretrained_backbone` (timm's checkpoint filter, then a strict check; relative position bias needs a
+    beit_* model).
+    Under `torch.device("meta")` no weights are read (shapes only).
     `checkpointing=False` ignores cfg.activation_checkpointing (a frozen backbone has no backward)."""
+    if torch.get_default_device().type == "meta":
+        cfg = dataclasses.replace(cfg, pretrained=False, pretrained_path=None)
     if cfg.pretrained_path is not None and not Path(cfg.pretrained_path).is_file():
         raise FileNotFoundError(f"model.pretrained_path: {cfg.pretrained_path} does not exist")
     if cfg.checkpoint_offload and cfg.activation_checkpointing != "fairscale":
         raise ConfigError("model.checkpoint_offload: needs model.activation_checkpointing=fairscale, got "
                           f"{cfg.activation_checkpointing!r}")
-    fmt = None
-    if cfg.pretrained_path is not None:
-        fmt = cfg.checkpoint_format
-        if fmt == "auto":
-            fmt = detect_checkpoint_format(_checkpoint_keys(cfg.pretrained_path))
-            log.info("model.pretrained_path %s: detected %s layout", cfg.pretrained_path, fmt)
-    by_timm = fmt == "timm"
     try:
-        model = timm.create_model(
-            cfg.name, num_classes=num_classes, global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path_rate,
-            # timm's own local-file mechanism: it resamples position embeddings and drops the head.
-            pretrained=by_timm,
-            pretrained_cfg_overlay=dict(file=cfg.pretrained_path) if by_timm else None,
-            **cfg.overrides)
+        model = timm.create_model(cfg.name, num_classes=num_classes, global_pool=cfg.global_pool,
+                                  drop_path_rate=cfg.drop_path_rate, **cfg.overrides)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ValueError(f"model.name: {err}") from None
         raise
-    if fmt is not None and not by_timm:
-        load_pretrained_backbone(model, load_state_dict_file(cfg.pretrained_path), fmt, source=cfg.pretrained_path)
+    except TypeError as err:
+        if not cfg.overrides:
+            raise
+        raise _overrides_error(cfg, err) from None
+    if cfg.pretrained_path is not None:
+        # Not timm's own file loading: it loads non-strictly whenever the head differs (always, for a backbone).
+        load_pretrained_backbone(model, load_state_dict_file(cfg.pretrained_path), cfg.checkpoint_format,
+                                 source=cfg.pretrained_path)
+    if cfg.pretrained:
+        load_timm_weights(model, cfg.name, in_chans=cfg.overrides.get("in_chans", 3))
     if checkpointing:
         apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.checkpoint_offload)
     return model
+
+
+def _overrides_error(cfg: ModelConfig, err: TypeError) -> ConfigError:
+    """timm hands model.overrides to the model class as keyword arguments: name the override it refused."""
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+    if match and match.group(1) in cfg.overrides:
+        key = match.group(1)
+        return ConfigError(f"model.overrides.{key}: timm model {cfg.name!r} takes no argument {key!r} ({err})")
+    return ConfigError(f"model.overrides: timm model {cfg.name!r} refused {cfg.overrides}: {err}")
 
 
 def image_stats(backbone: nn.Module) -> ImageStats:
@@ -110,23 +124,58 @@ def head_parameter_names(classifier: nn.Module) -> set[str]:
     return {f"{prefix}.{key}" for key in head.state_dict()}
 
 
-def load_backbone_into(classifier: nn.Module, backbone_state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a stage-1 backbone into a timm classifier; only the classifier head may be missing."""
-    missing, unexpected = classifier.load_state_dict(backbone_state, strict=False)
-    head_keys = head_parameter_names(classifier)
-    really_missing = sorted(set(missing) - head_keys)
-    if really_missing or unexpected:
-        raise ValueError(f"{source}: backbone does not match model (missing {really_missing[:8]}"
-                         f"{'...' if len(really_missing) > 8 else ''}, unexpected {sorted(unexpected)[:8]})")
+_ARCHITECTURE = ("name", "overrides", "global_pool")  # the model settings that decide a backbone's tensors
+
+
+def _architecture_differences(backbone_path: str | Path, cfg: ModelConfig) -> list[str]:
+    """Model settings in the manifest stage 1 wrote beside the backbone (`save_state_dict`) that differ from
+    `cfg`, as 'model.key: backbone -> this run'; [] without a readable manifest."""
+    try:
+        manifest = json.loads(Path(backbone_path).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return []
+    model = (manifest.get("config") or {}).get("model") or {
+        "name": manifest.get("model"), "overrides": manifest.get("model_overrides"),
+        "global_pool": manifest.get("global_pool")}
+    recorded = {key: model.get(key) or ({} if key == "overrides" else None) for key in _ARCHITECTURE}
+    return settings_differences(flatten_settings({"model": recorded}),
+                                flatten_settings({"model": {key: getattr(cfg, key) for key in _ARCHITECTURE}}))
+
+
+def load_backbone_into(classifier: nn.Module, backbone_state: dict[str, torch.Tensor], source: str,
+                       cfg: ModelConfig | None = None) -> None:
+    """Load a stage-1 backbone into a timm classifier; only the classifier head may be missing.
+
+    A backbone of another architecture raises ConfigError naming `source`, the model settings that differ
+    from `cfg` according to the backbone's manifest, and the tensors that do not fit (never a bare
+    load_state_dict size-mismatch traceback)."""
+    target = classifier.state_dict()
+    missing = sorted(set(target) - set(backbone_state) - head_parameter_names(classifier))
+    unexpected = sorted(set(backbone_state) - set(target))
+    mismatched = [f"{key} {tuple(value.shape)} vs model {tuple(target[key].shape)}"
+                  for key, value in sorted(backbone_state.items())
+                  if key in target and value.shape != target[key].shape]
+    if missing or unexpected or mismatched:
+        problems = "; ".join(f"{label} {_short(keys, 4)}" for label, keys in (
+            ("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)) if keys)
+        differences = _architecture_differences(source, cfg) if cfg is not None else []
+        settings = (f"its manifest {Path(source).with_suffix('.json')} says it was trained with other model "
+                    f"settings ({'; '.join(differences)}; backbone -> this run), " if differences else "")
+        raise ConfigError(f"stage2.backbone_path: {source} does not fit this run's model: {settings}tensors: "
+                          f"{problems}. Set the model section as the backbone was trained, or use a backbone "
+                          f"trained with this model")
+    classifier.load_state_dict(backbone_state, strict=False)
 
 
 def build_classifier(cfg: ModelConfig, num_classes: int, backbone_path: str | None = None,
                      freeze_backbone: bool = False) -> nn.Module:
     """timm model with a linear head; optionally initialised from a stage-1 backbone and frozen but for the head."""
+    if backbone_path is not None:  # its weights replace the pretrained ones: do not read (or fetch) those
+        cfg = dataclasses.replace(cfg, pretrained=False, pretrained_path=None)
     model = create_backbone(cfg, num_classes=num_classes, checkpointing=not freeze_backbone)
     if backbone_path is not None:
         # safetensors, or a torch file read with weights_only=True: a user-supplied file runs no code.
-        load_backbone_into(model, load_state_dict_file(backbone_path), backbone_path)
+        load_backbone_into(model, load_state_dict_file(backbone_path), backbone_path, cfg)
     if freeze_backbone:
         head_keys = head_parameter_names(model)
         for name, param in model.named_parameters():
@@ -135,43 +184,73 @@ def build_classifier(cfg: ModelConfig, num_classes: int, backbone_path: str | No
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Pretrained weights in other repositories' layouts
+# Pretrained weights from a local file (model.pretrained_path), in other repositories' layouts
 #
 # What each layout looks like (read from the public code):
+#   timm     a timm model's state dict (timm's releases, this project's exports and stage-1 backbones).
 #   mae      facebookresearch/mae models_mae.py, MaskedAutoencoderViT saved as {"model": state_dict}: a timm
-#            ViT encoder (cls_token, pos_embed (fixed sin-cos), patch_embed.proj, blocks.N.* with timm's Block
-#            names, norm) plus mask_token and decoder_embed / decoder_pos_embed / decoder_blocks /
-#            decoder_norm / decoder_pred. Its fine-tuned models (models_vit.py, global_pool) replace norm by
-#            fc_norm and add head.
-#   simmim   microsoft/SimMIM models/simmim.py: SimMIM(encoder=VisionTransformerForSimMIM, decoder=Conv2d +
-#            PixelShuffle) saved as {"model": ...}: every encoder key under "encoder.", decoder under
-#            "decoder.", encoder.mask_token. The encoder is BEiT-style (models/vision_transformer.py):
-#            attn.qkv without bias plus attn.q_bias / attn.v_bias (the key bias is zero), layer scale
-#            gamma_1 / gamma_2 (init_values), optional relative position bias (rel_pos_bias.* shared,
-#            blocks.N.attn.relative_position_bias_table per block), optional absolute pos_embed, norm or
-#            (use_mean_pooling) fc_norm. SimMIM's own load_pretrained strips "encoder." the same way.
-#   data2vec facebookresearch/data2vec_vision (BEiT code base), {"model"|"module": ...}: the same BEiT-style
-#            names without a prefix (blocks.N.attn.q_bias, gamma_1, rel_pos_bias.relative_position_bias_table,
-#            mask_token, lm_head.* / norm for pre-training), as read by HF's
-#            convert_data2vec_vision_original_pytorch_checkpoint_to_pytorch.py.
-# timm's VisionTransformer has absolute position embeddings only: a checkpoint that needs relative position
-# bias (the released SimMIM ViT-B and data2vec weights use a shared one and no pos_embed) cannot be
-# represented and is refused with the keys named, rather than loaded with those weights silently missing.
+#            ViT encoder plus mask_token and decoder_embed / decoder_pos_embed / decoder_blocks / decoder_norm /
+#            decoder_pred. Its fine-tuned models (models_vit.py, global_pool) replace norm by fc_norm, add head.
+#   simmim   microsoft/SimMIM models/simmim.py, {"model": ...}: every encoder key under "encoder.", the decoder
+#            under "decoder.", encoder.mask_token. The encoder is BEiT-style (below).
+#   data2vec facebookresearch/data2vec_vision and microsoft/unilm BEiT / BEiT v2, {"model"|"module": ...}: the
+#            BEiT code base's names without a prefix (mask_token, lm_head.* in pre-training).
+# A BEiT-style encoder has attn.q_bias / attn.v_bias (no key bias), layer scale gamma_1 / gamma_2 and either
+# absolute position embeddings (pos_embed) or relative position bias (rel_pos_bias.* shared by all blocks, or
+# blocks.N.attn.relative_position_bias_table), as in the released SimMIM ViT-B, data2vec and BEiT weights.
+# Absolute position embeddings load into timm's vit_* models, relative position bias into timm's beit_* models
+# (timm's Beit uses the BEiT names as they are). Every layout takes one path: the encoder's keys (prefix
+# stripped), then timm's own checkpoint_filter_fn for the model's architecture (vit: gamma_N -> lsN.gamma,
+# patch and position embeddings resampled; beit: position embeddings and relative position tables resized,
+# index buffers dropped). Ours only: q_bias + v_bias -> qkv.bias for vit_* (timm has no such conversion), a
+# shared relative position table copied into every block of a beit_* model that has one per block (as BEiT's
+# own fine-tuning does), and the final norm initialising fc_norm under global_pool=avg (`_pool_norm`). Then
+# the strict rule: a checkpoint key the model does not take (other than decoder, mask token, LM or classifier
+# head) or a model key left unfilled (other than the classifier head) is an error naming the keys and the file.
 # ------------------------------------------------------------------------------------------------------------
 CHECKPOINT_FORMATS = ("timm", "mae", "simmim", "data2vec")
 # Keys of pre-training-only parts that may be dropped: decoders, mask tokens, LM / classifier heads,
 # recomputed index buffers. Anything else left over is a backbone weight and must load.
 _DROPPABLE = re.compile(r"^(decoder[._]|mask_token$|lm_head\.|head\.|head_dist\.|.*relative_position_index$)")
+_REL_POS = "relative_position_bias_table"
 
 
-def _checkpoint_keys(path: str | Path) -> list[str]:
-    """The tensor names of a weights file (safetensors: from the header only, nothing read)."""
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
+def load_timm_weights(model: nn.Module, name: str, in_chans: int = 3) -> None:
+    """timm's pretrained weights for `name` (architecture.tag) into `model`, through timm's own loader from the
+    Hugging Face cache (fetched once per node, or an error naming the tag, the cache and the fetch command):
+    timm's checkpoint filter resamples position embeddings to the model's img_size and a classifier of
+    another class count is dropped. Strict: only the model's classifier head may stay unloaded (a
+    checkpoint's final norm initialises fc_norm under global_pool=avg, as for local files)."""
+    from timm.models import load_pretrained
 
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    return list(load_state_dict_file(path).keys())
+    from .pretrained import ensure_cached
+
+    path = ensure_cached(name)
+    timm_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    renamed: dict[str, str] = {}
+
+    def filter_fn(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        state = timm_filter(state, model) if timm_filter is not None else state
+        _pool_norm(state, set(model.state_dict()), renamed)
+        return state
+
+    result: dict[str, list[str]] = {}
+    # timm loads non-strictly when the class count differs; the hook sees exactly what did not load.
+    hook = model.register_load_state_dict_post_hook(
+        lambda module, keys: result.update(missing=list(keys.missing_keys), unexpected=list(keys.unexpected_keys)))
+    try:
+        load_pretrained(model, num_classes=model.num_classes, in_chans=in_chans, filter_fn=filter_fn, strict=False)
+    finally:
+        hook.remove()
+    head = head_parameter_names(model) if model.num_classes else set()
+    missing = sorted(set(result.get("missing", [])) - head)
+    unexpected = sorted(result.get("unexpected", []))
+    if missing or unexpected:
+        raise ValueError(f"model.name: timm's weights {name} ({path}) do not fit {type(model).__name__} with "
+                         f"this run's model settings: backbone keys not loaded {_short(missing)}, checkpoint keys "
+                         f"with no place {_short(unexpected)}. Refusing to train with backbone weights left random")
+    log.info("model.name %s: timm's pretrained weights loaded from %s%s", name, path,
+             f" (renamed {renamed})" if renamed else "")
 
 
 def detect_checkpoint_format(keys) -> str:
@@ -189,55 +268,9 @@ def detect_checkpoint_format(keys) -> str:
     return "timm"
 
 
-@dataclasses.dataclass
-class LoadReport:
-    """What load_pretrained_backbone did: every key accounted for."""
-    format: str
-    loaded: list[str]
-    renamed: dict[str, str]      # checkpoint key -> model key (after prefix stripping)
-    dropped: list[str]           # pre-training-only keys left out (decoder, mask token, head ...)
-    missing_head: list[str]      # model keys not in the checkpoint that may start fresh (classifier head)
-    resampled: list[str]         # position / patch embeddings resampled to the model's grid
-
-    def summary(self) -> str:
-        parts = [f"{len(self.loaded)} tensors loaded ({self.format} layout)"]
-        if self.renamed:
-            parts.append(f"{len(self.renamed)} renamed")
-        if self.resampled:
-            parts.append(f"resampled {self.resampled}")
-        if self.dropped:
-            parts.append(f"dropped {len(self.dropped)} pre-training-only keys {_short(self.dropped)}")
-        if self.missing_head:
-            parts.append(f"fresh head {self.missing_head}")
-        return "; ".join(parts)
-
-
 def _short(keys, n: int = 8) -> str:
     keys = sorted(keys)
     return str(keys[:n])[:-1] + (f", ... {len(keys) - n} more]" if len(keys) > n else "]")
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Keys under `prefix` lose it; others (e.g. a SimMIM decoder) are kept as they are (then dropped)."""
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
-
-
-def _beit_to_timm_vit(state: dict[str, torch.Tensor], renamed: dict[str, str]) -> dict[str, torch.Tensor]:
-    """BEiT-style encoder keys -> timm VisionTransformer keys: q_bias / v_bias -> qkv.bias (zero key bias),
-    gamma_1 / gamma_2 -> ls1.gamma / ls2.gamma (timm's layer scale, model.overrides.init_values)."""
-    out = dict(state)
-    for key in [k for k in state if k.endswith(".attn.q_bias")]:
-        block = key[:-len(".q_bias")]
-        q, v = out.pop(key), out.pop(f"{block}.v_bias", None)
-        if v is None:
-            raise ValueError(f"{key} without {block}.v_bias: not a BEiT/SimMIM/data2vec attention layout")
-        out[f"{block}.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
-        renamed[f"{block}.q_bias+v_bias"] = f"{block}.qkv.bias"
-    for key in [k for k in state if re.search(r"\.gamma_[12]$", k)]:
-        new = re.sub(r"\.gamma_([12])$", r".ls\1.gamma", key)
-        out[new] = out.pop(key)
-        renamed[key] = new
-    return out
 
 
 def _pool_norm(state: dict[str, torch.Tensor], model_keys: set[str], renamed: dict[str, str]) -> None:
@@ -254,102 +287,133 @@ def _pool_norm(state: dict[str, torch.Tensor], model_keys: set[str], renamed: di
                     renamed[f"{src}{suffix}"] = f"{dst}{suffix}"
 
 
-def convert_state_dict(state: dict[str, torch.Tensor], fmt: str, model: nn.Module
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Rename a MAE / SimMIM / data2vec (or timm) state dict to `model`'s timm keys. Returns (state, renamed)."""
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys under `prefix` lose it; others (e.g. a SimMIM decoder) are kept as they are (then dropped)."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def _encoder_state(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """The tensors of a `fmt` checkpoint under its encoder's own names (SimMIM's "encoder." prefix and a
+    data2vec "module." / "backbone." wrapper stripped); a new dict."""
     if fmt not in CHECKPOINT_FORMATS:
         raise ValueError(f"model.checkpoint_format: {fmt!r} is not one of {list(CHECKPOINT_FORMATS)} or 'auto'")
-    renamed: dict[str, str] = {}
-    state = dict(state)
     if fmt == "simmim":
-        state = _strip_prefix(state, "encoder.")
+        return _strip_prefix(state, "encoder.")
     if fmt == "data2vec":
         if any(k.startswith("data2vec_vision.") or k.startswith("embeddings.") for k in state):
             raise ValueError("data2vec checkpoint in Hugging Face transformers layout (data2vec_vision.embeddings.*, "
                              "encoder.layer.N.*) is not supported; use the original data2vec_vision (BEiT) file")
         for prefix in ("module.", "backbone."):
             if all(k.startswith(prefix) for k in state):
-                state = _strip_prefix(state, prefix)
-    if fmt in ("simmim", "data2vec"):
-        state = _beit_to_timm_vit(state, renamed)
-    _pool_norm(state, set(model.state_dict()), renamed)
-    return state, renamed
+                return _strip_prefix(state, prefix)
+    return dict(state)
 
 
-def _resample_embeddings(state: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
-    """Position embeddings to the model's patch grid (timm's resample_abs_pos_embed) and the patch-embedding
-    kernel to its patch size (resample_patch_embed), in place; returns the keys resampled."""
-    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+def _fuse_qv_bias(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BEiT-style attn.q_bias + attn.v_bias (the key has no bias) -> timm VisionTransformer's attn.qkv.bias."""
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".attn.q_bias")]:
+        block = key[:-len(".q_bias")]
+        q, v = out.pop(key), out.pop(f"{block}.v_bias", None)
+        if v is None:
+            raise ValueError(f"{key} without {block}.v_bias: not a BEiT/SimMIM/data2vec attention layout")
+        out[f"{block}.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    return out
 
-    done = []
+
+def _unshare_rel_pos_bias(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pre-training (BEiT, data2vec, SimMIM) shares one relative position table across blocks; timm's beit_*
+    models have one per block: each block gets a copy, as BEiT's own fine-tuning code does."""
+    shared = f"rel_pos_bias.{_REL_POS}"
+    per_block = [k for k in target if k.endswith(f".attn.{_REL_POS}")]
+    if shared not in state or shared in target or not per_block:
+        return state
+    out = dict(state)
+    table = out.pop(shared)
+    out.update({key: table.clone() for key in per_block})
+    return out
+
+
+def _architecture(model: nn.Module) -> str:
+    return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+
+
+def _position_error(state: dict[str, torch.Tensor], model: nn.Module) -> str | None:
+    """Position weights the model has no place for (timm's filters would fail on them), and the model.name or
+    model.overrides that would take them; None when they fit."""
     target = model.state_dict()
-    w = state.get("patch_embed.proj.weight")
-    if w is not None and "patch_embed.proj.weight" in target and w.shape[-2:] != target["patch_embed.proj.weight"].shape[-2:]:
-        state["patch_embed.proj.weight"] = resample_patch_embed(w, list(target["patch_embed.proj.weight"].shape[-2:]))
-        done.append("patch_embed.proj.weight")
-    pos = state.get("pos_embed")
-    if pos is not None and "pos_embed" in target and pos.shape != target["pos_embed"].shape:
-        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-        old_tokens = pos.shape[1] - prefix
-        side = int(round(math.sqrt(old_tokens)))
-        if side * side != old_tokens:
-            raise ValueError(f"pos_embed: {old_tokens} patch positions is not a square grid; cannot resample")
-        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size),
-                                                    old_size=[side, side], num_prefix_tokens=prefix)
-        done.append(f"pos_embed {side}x{side}->{'x'.join(map(str, model.patch_embed.grid_size))}")
-    return done
+    arch = _architecture(model)
+    rel = sorted(k for k in state if k.endswith(_REL_POS) and k not in target)
+    if rel and isinstance(model, VisionTransformer):
+        beit = "beit_" + arch[len("vit_"):] if arch.startswith("vit_") else ""
+        use = beit if timm.is_model(beit) else f"one of {timm.list_models('beit*')}"
+        return (f"the checkpoint has relative position bias ({_short(rel, 3)}), which timm's {arch} (absolute "
+                f"position embeddings only) has no place for; set model.name: {use} (timm's BEiT: the same "
+                "encoder with relative position bias; model.overrides still set its size)")
+    if rel:
+        return (f"relative position bias tables with no place in {arch}: {_short(rel, 3)}; set model.overrides "
+                "depth, use_rel_pos_bias (one table per block) or use_shared_rel_pos_bias as in the checkpoint")
+    if "pos_embed" in state and "pos_embed" not in target:
+        return (f"the checkpoint has absolute position embeddings (pos_embed), which {arch} has not; use a vit_* "
+                "model, or model.overrides.use_abs_pos_emb: true")
+    return None
 
 
-def load_pretrained_backbone(model: nn.Module, state: dict[str, torch.Tensor], fmt: str,
-                             source: str = "checkpoint") -> LoadReport:
-    """Load a MAE / SimMIM / data2vec / timm state dict into a timm ViT, strictly.
+def _timm_filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's own checkpoint_filter_fn for the model's architecture (resampling, renames), if it has one."""
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    if isinstance(model, VisionTransformer):  # gamma_1 / gamma_2 -> ls1.gamma / ls2.gamma (as for DeiT III)
+        return filter_fn(state, model, adapt_layer_scale=True)
+    return filter_fn(state, model)
 
-    Only pre-training-only keys may be dropped (decoder*, mask_token, lm_head / head); only the model's
-    classifier head may be missing. Any other missing or unexpected key, or a shape that does not fit after
-    resampling, raises ValueError naming the keys, so that no backbone weight is silently left at its random
-    initialisation. Returns what was done (also logged)."""
-    state, renamed = convert_state_dict(state, fmt, model)
-    rel_pos = sorted(k for k in state if "relative_position_bias_table" in k)
+
+def load_pretrained_backbone(model: nn.Module, state: dict[str, torch.Tensor], fmt: str = "auto",
+                             source: str = "checkpoint") -> list[str]:
+    """Load a checkpoint in the timm / MAE / SimMIM / data2vec (BEiT) layout into a timm model, strictly,
+    through timm's checkpoint filter for the model's architecture (see the table above).
+
+    Only pre-training-only keys may be dropped (decoder*, mask_token, lm_head, a classifier head); only the
+    model's classifier head may be left unfilled. Any other unexpected or missing key, or a shape that does not
+    fit after timm's resampling, raises ValueError naming `source` and the keys, so that no backbone weight is
+    silently left at its random initialisation. Returns the checkpoint keys dropped (also logged)."""
+    fmt = detect_checkpoint_format(state) if fmt == "auto" else fmt
     target = model.state_dict()
-    if rel_pos and not any("relative_position_bias_table" in k for k in target):
-        raise ValueError(
-            f"{source}: the checkpoint uses relative position bias ({_short(rel_pos, 3)}), which "
-            f"{type(model).__name__} ({model.default_cfg.get('architecture', '?') if hasattr(model, 'default_cfg') else '?'}) "
-            "does not have; loading it would silently drop those weights. Use a checkpoint with absolute position "
-            "embeddings (SimMIM USE_APE=True, USE_RPB/USE_SHARED_RPB=False)")
-    resampled = _resample_embeddings(state, model)
-    head_keys = head_parameter_names(model) if getattr(model, "num_classes", 0) else set()
-    dropped = sorted(k for k in state if k not in target and _DROPPABLE.match(k))
-    unexpected = sorted(k for k in state if k not in target and k not in dropped)
-    missing = sorted(k for k in target if k not in state)
-    bad_missing = [k for k in missing if k not in head_keys]
-    # A checkpoint head of another size (e.g. 1000 ImageNet classes) is dropped; the model's head starts fresh.
-    mismatched = sorted(k for k in state if k in target and state[k].shape != target[k].shape)
-    for key in [k for k in mismatched if k in head_keys]:
-        dropped.append(key)
-        missing.append(key)
+    state = _unshare_rel_pos_bias(_encoder_state(state, fmt), target)
+    problem = _position_error(state, model)
+    if problem:
+        raise ValueError(f"model.pretrained_path: {source} ({fmt} layout): {problem}")
+    if isinstance(model, VisionTransformer):
+        state = _fuse_qv_bias(state)
+    dropped = {k for k in state if k not in target and _DROPPABLE.match(k)}  # before timm's filter removes some
+    state = _timm_filter(state, model)
+    _pool_norm(state, set(target), {})
+    head = head_parameter_names(model) if getattr(model, "num_classes", 0) else set()
+    for key in [k for k in head if k in state and state[k].shape != target[k].shape]:
+        dropped.add(key)  # a classifier for other classes (e.g. ImageNet's): the model's head starts fresh
         del state[key]
-    mismatched = [k for k in mismatched if k not in head_keys]
-    if bad_missing or unexpected or mismatched:
-        problems = []
-        if bad_missing:
-            problems.append(f"backbone keys missing from the checkpoint: {_short(bad_missing)}")
-        if unexpected:
-            problems.append(f"checkpoint keys the model has no place for: {_short(unexpected)}")
-        if mismatched:
-            problems.append("shape mismatches: " + ", ".join(
-                f"{k} {tuple(state[k].shape)} vs model {tuple(target[k].shape)}" for k in mismatched[:8]))
+    dropped |= {k for k in state if k not in target and _DROPPABLE.match(k)}
+    unexpected = sorted(k for k in state if k not in target and k not in dropped)
+    missing = sorted(set(target) - set(state) - head)
+    mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+                  for k in sorted(state) if k in target and state[k].shape != target[k].shape]
+    if missing or unexpected or mismatched:
+        problems = "; ".join(f"{label}: {_short(keys)}" for label, keys in (
+            ("backbone keys missing from the checkpoint", missing),
+            ("checkpoint keys the model has no place for", unexpected), ("shape mismatches", mismatched)) if keys)
         hint = ""
-        if any(".ls1." in k or ".ls2." in k for k in unexpected + bad_missing):
-            hint = " (layer scale: set model.overrides.init_values to match the checkpoint's gamma_1/gamma_2)"
-        raise ValueError(f"{source} ({fmt} layout) does not match {type(model).__name__}: " + "; ".join(problems)
-                         + hint + ". Refusing to load with backbone weights dropped.")
+        if any(re.search(r"\.(ls[12]\.gamma|gamma_[12])$", k) for k in unexpected + missing):
+            hint = (" (layer scale: set model.overrides.init_values to match the checkpoint's gamma_1/gamma_2, "
+                    "or null when it has none)")
+        raise ValueError(f"model.pretrained_path: {source} ({fmt} layout) does not match timm's "
+                         f"{_architecture(model)}: {problems}{hint}. Refusing to load with backbone weights dropped.")
     model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
-    report = LoadReport(format=fmt, loaded=sorted(k for k in state if k in target), renamed=renamed,
-                        dropped=sorted(set(dropped)), missing_head=sorted(set(missing) & head_keys),
-                        resampled=resampled)
-    log.info("%s: %s", source, report.summary())
-    return report
+    fresh = sorted(head - set(state))
+    log.info("%s: %d tensors loaded (%s layout, through timm's %s filter)%s%s", source, len(target) - len(fresh),
+             fmt, type(model).__module__, f"; dropped pre-training-only keys {_short(dropped)}" if dropped else "",
+             f"; fresh head {fresh}" if fresh else "")
+    return sorted(dropped)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -394,7 +458,9 @@ def meta_model(cfg: ModelConfig, contrastive: bool = True) -> nn.Module:
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+    """Real parameter count, also under ZeRO-3 (whose partitioned parameters hold 0 elements locally and
+    keep their full size in `ds_numel`)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 GIB = 1024 ** 3
@@ -403,7 +469,8 @@ _OPTIMIZER_BYTES = {("sgd", "fp32"): 4, ("adamw", "fp32"): 8, ("sgd", "mixed"): 
 
 
 def estimate_memory(model_cfg: ModelConfig, micro_batch: int, views: int, precision: str, zero_stage: int,
-                    world_size: int, *, optimizer: str = "sgd", fused_attention: bool = True) -> dict[str, Any]:
+                    world_size: int, *, optimizer: str = "sgd", fused_attention: bool = True,
+                    accumulation_steps: int = 1, enlarge_contrast: bool = True) -> dict[str, Any]:
     """Per-GPU memory estimate (bytes, and GiB under "*_gib") for one training step of the stage-1 model.
 
     Parameters P (backbone + projection head, counted on the meta device), Psi = P:
@@ -420,8 +487,13 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, views: int, precis
       none         depth x one block
       timm/fairscale  depth x (a * T * b * d) (the saved block inputs; 0 on the GPU with fairscale offload)
                    + one block (recomputed during backward)
-    plus the input images (a * b * 3 * H * W) and the contrastive loss: about 20 bytes per element of
-    the local-views x global-views logit matrix (measured, losses.supcon_rows).
+    plus the input images of one micro-batch (a * b * 3 * H * W: micro-batches reach the device one at a
+    time) and the contrastive loss: about 20 bytes per element of the anchors x contrast-set logit matrix
+    (measured, losses.supcon_rows). Without accumulation that is b local views x b * world views. With
+    `enlarge_contrast` over k micro-batches (lacvit_dist.feature_cache) every recompute takes the loss of all
+    k micro-batches, k * b anchors x k * b * world views (k^2 times larger), keeps k micro-batches of
+    projections cached (a * k * b * proj_dim) and gathers the contrast set's projections in fp32 (4 * k * b *
+    world * proj_dim). One micro-batch's graph is alive at a time, so activations do not grow with k.
     `total` sums them; allocator fragmentation, CUDA context (~0.5-1 GiB), communication buckets and the
     data pipeline are not included, so treat it as a lower bound.
     """
@@ -458,17 +530,22 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, views: int, precis
         activations = saved + one_block
     img_size = backbone.patch_embed.img_size
     inputs = w * images * 3 * img_size[0] * img_size[1]
-    loss = 20.0 * images * images * n
-    total = weights + grads + opt_states + activations + inputs + loss
+    contrasted = accumulation_steps if enlarge_contrast else 1  # micro-batches in one contrast set
+    contrast_set = images * n * contrasted
+    loss = 20.0 * (images * contrasted) * contrast_set
+    proj_dim = model.head.net[-1].out_features
+    feature_cache = (w * contrasted * images + 4 * contrast_set) * proj_dim
+    total = weights + grads + opt_states + activations + inputs + loss + feature_cache
     out: dict[str, Any] = {
         "params": params, "tokens": tokens, "width": width, "depth": depth, "heads": heads,
         "images_per_forward": images, "precision": precision, "zero_stage": zero_stage, "world_size": n,
-        "optimizer": optimizer, "activation_checkpointing": mode,
+        "optimizer": optimizer, "activation_checkpointing": mode, "accumulation_steps": accumulation_steps,
+        "contrast_views": contrast_set, "feature_cache": feature_cache,
         "weights": weights, "grads": grads, "optimizer_states": opt_states, "activations": activations,
         "activations_per_block": one_block, "inputs": inputs, "loss": loss, "total": total,
     }
     for key in ("weights", "grads", "optimizer_states", "activations", "activations_per_block", "inputs", "loss",
-                "total"):
+                "feature_cache", "total"):
         out[f"{key}_gib"] = out[key] / GIB
     return out
 
@@ -476,7 +553,9 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, views: int, precis
 def format_memory_estimate(est: dict[str, Any]) -> str:
     """One line for the start-up summary."""
     return (f"memory estimate per GPU ({est['precision']}, ZeRO {est['zero_stage']}, world {est['world_size']}, "
-            f"{est['params'] / 1e6:.1f}M params, {est['images_per_forward']} images/forward, checkpointing "
+            f"{est['params'] / 1e6:.1f}M params, {est['images_per_forward']} images/forward, accumulation "
+            f"{est['accumulation_steps']}, {est['contrast_views']} views in the contrast set, checkpointing "
             f"{est['activation_checkpointing']}): weights {est['weights_gib']:.2f} + grads {est['grads_gib']:.2f} + "
-            f"optimizer {est['optimizer_states_gib']:.2f} + activations {est['activations_gib']:.2f} + loss "
-            f"{est['loss_gib']:.2f} = {est['total_gib']:.2f} GiB (lower bound)")
+            f"optimizer {est['optimizer_states_gib']:.2f} + activations {est['activations_gib']:.2f} + inputs "
+            f"{est['inputs_gib']:.2f} + loss {est['loss_gib']:.2f} + feature cache {est['feature_cache_gib']:.2f} = "
+            f"{est['total_gib']:.2f} GiB (lower bound)")

@@ -26,13 +26,15 @@ from .data.pipeline import eval_loader
 from .data.shards import DatasetInfo, load_info
 from .data.transforms import evaluation
 from .evaluation import evaluate_classifier, evaluate_embeddings
-from .figures import confusion_matrix_image, per_class_bar_image, save_png, scatter_image
+from .figures import confusion_figure, embedding_figure, most_confused, per_class_figure, save_figure
 from .models import create_backbone, image_stats
+from .tb import progress
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="classifier.safetensors or backbone.safetensors")
+    parser.add_argument("checkpoint", type=Path, help="classifier.safetensors, backbone.safetensors or a timm export "
+                        "folder (<stage>/timm)")
     parser.add_argument("--data", required=True, type=Path, help="shard folder with _info.json")
     parser.add_argument("--split", default="test")
     parser.add_argument("--bank-split", default="train", help="kNN memory bank split (--embeddings)")
@@ -44,7 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_exported(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The timm model described by the manifest beside `path`, with the weights loaded by timm itself."""
+    """The timm model described by the manifest beside `path`, with the weights loaded by timm itself; or a
+    timm-format export folder (<stage>/timm, lacvit_dist.export), which timm builds from its config.json."""
+    if path.is_dir():
+        model = timm.create_model(f"local-dir:{path}", pretrained=True)
+        return model.eval(), json.loads((path / "config.json").read_text())["lacvit"]
     manifest_path = path.with_suffix(".json")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -59,11 +65,13 @@ def load_exported(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model.eval(), manifest
 
 
-def pca_2d(x: torch.Tensor) -> torch.Tensor:
-    """The rows of x projected on their first two principal components (for 2-D plots)."""
-    x = x - x.mean(0, keepdim=True)
-    _, _, v = torch.pca_lowrank(x, q=2, center=False)
-    return x @ v[:, :2]
+def shown_loader(info: DatasetInfo, split: str, transform, batch_size: int, workers: int, what: str):
+    """The eval loader of this rank's share of `split`, with a progress bar on rank 0 (its total: the batches
+    of an even share, exact on one rank)."""
+    share = -(-info.split(split).num_samples // dist_utils.world_size())
+    loader = eval_loader(info.split(split), info.num_classes, transform, batch_size, rank=dist_utils.rank(),
+                         world_size=dist_utils.world_size(), num_workers=workers)
+    return progress(loader, f"{what} {split}", total=-(-share // batch_size))
 
 
 def backbone_embedding_report(model: torch.nn.Module, info: DatasetInfo, split: str, bank_split: str,
@@ -73,24 +81,25 @@ def backbone_embedding_report(model: torch.nn.Module, info: DatasetInfo, split: 
     `split`, each rank embedding its share; returns the metrics and the gathered embeddings + labels."""
     transform = evaluation(image_stats(model))
 
-    def loader(name: str):
-        return eval_loader(info.split(name), info.num_classes, transform, batch_size, rank=dist_utils.rank(),
-                           world_size=dist_utils.world_size(), num_workers=workers)
-
     def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"backbone": model.forward_head(model.forward_features(images), pre_logits=True)}
 
     expected = (info.split(bank_split).num_samples, info.split(split).num_samples)
     with torch.no_grad():
-        return evaluate_embeddings(encode, loader(bank_split), loader(split), device, torch.float32,
-                                   info.num_classes, expected, f"split {split!r} of {info.root}")
+        return evaluate_embeddings(encode, shown_loader(info, bank_split, transform, batch_size, workers, "embed"),
+                                   shown_loader(info, split, transform, batch_size, workers, "embed"), device,
+                                   torch.float32, info.num_classes, expected, f"split {split!r} of {info.root}",
+                                   bank_where=f"split {bank_split!r} of {info.root} (kNN bank)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    world = dist_utils.detect_world()
-    if world.world_size > 1:
-        dist_utils.init_distributed(world, "gloo" if not torch.cuda.is_available() else "nccl")
+    with dist_utils.job() as job:  # under NCCL, each rank on its own GPU
+        return _evaluate(args, job)
+
+
+def _evaluate(args: argparse.Namespace, job: dist_utils.Job) -> int:
+    world, device = job.world, job.device
     try:
         model, manifest = load_exported(args.checkpoint)
         info = load_info(args.data)
@@ -100,18 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
     transform = evaluation(image_stats(model))
-
-    def loader(split: str):
-        return eval_loader(info.split(split), info.num_classes, transform, args.batch_size, rank=world.rank,
-                           world_size=world.world_size, num_workers=args.workers)
 
     where = f"split {args.split!r} of {info.root}"
     results: dict[str, Any] = {"checkpoint": str(args.checkpoint), "split": args.split, "stage": manifest["stage"]}
     if manifest["stage"] != "stage1":
-        results["classification"] = evaluate_classifier(model, loader(args.split), device, torch.float32,
+        results["classification"] = evaluate_classifier(model, shown_loader(
+            info, args.split, transform, args.batch_size, args.workers, "classify"), device, torch.float32,
                                                         info.num_classes, info.split(args.split).num_samples, where)
     if args.embeddings or manifest["stage"] == "stage1":
         results["embeddings"], embeddings = backbone_embedding_report(
@@ -121,15 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         (out / "metrics.json").write_text(json.dumps(results, indent=2))
         if "classification" in results:
             cls = results["classification"]
-            save_png(confusion_matrix_image(cls["confusion"], info.class_names), out / "confusion.png")
-            save_png(per_class_bar_image(cls["per_class_accuracy"], info.class_names, support=cls["support"]),
-                     out / "per_class_accuracy.png")
+            save_figure(confusion_figure(cls["confusion"], info.class_names, title=f"{args.split} confusion"),
+                        out / "confusion.png")
+            save_figure(per_class_figure(cls["per_class_accuracy"], info.class_names, support=cls["support"],
+                                         title=f"{args.split} per-class accuracy"), out / "per_class_accuracy.png")
+            for true, pred, rate, count in most_confused(cls["confusion"], info.class_names, top=5):
+                print(f"{args.split}: {rate:.1%} of {true} predicted as {pred} ({count})")
             print(f"{args.split}: top1 {cls['top1']:.4f}  top5 {cls['top5']:.4f}  loss {cls['loss']:.4f}  "
                   f"({cls['samples']} samples)")
         if "embeddings" in results:
-            points = pca_2d(embeddings["backbone"]).cpu()
-            save_png(scatter_image(points, embeddings["labels"].cpu(), info.class_names,
-                                   title=f"{args.split} embeddings (PCA)"), out / "embeddings_pca.png")
+            save_figure(embedding_figure(embeddings["backbone"], embeddings["labels"], info.class_names,
+                                         title=f"{args.split} embeddings (PCA)"), out / "embeddings_pca.png")
             emb = results["embeddings"]
             print(f"{args.split}: kNN top1 {emb['knn_top1']:.4f}  " + "  ".join(
                 f"{k.split('/')[-1]} {v:.4g}" for k, v in emb.items() if k.startswith("backbone/")))

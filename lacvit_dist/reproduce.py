@@ -30,17 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import distributed as dist_utils
 from .checkpoint import save_state_dict, write_json
-from .cli import resolve_device, run, set_threads
+from .cli import run
 from .config import ConfigError, load_config
 from .data.shards import DatasetInfo, load_info
 from .data.subsets import parse_classes, write_class_subset
-from .figures import mean_std_bar_image, save_png, scatter_image, side_by_side
-from .offline_eval import backbone_embedding_report, load_exported, pca_2d
+from .figures import reproduce_figure, save_figure
+from .offline_eval import backbone_embedding_report, load_exported
 from .tb import log, setup_console
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,6 +49,7 @@ TITLES = {"ce": "CE full fine-tuning", "lacvit": "LaCViT (stage 1 + stage 2)"}
 DEFAULT_GRID = ["baseline.optimizer.lr=0.0003,0.001,0.003,0.01", "stage1.optimizer.lr=0.001,0.003",
                 "stage2.optimizer.lr=0.1,1.0"]
 HEALTH_KEYS = ("knn_top1", "mean_cosine", "isotropy", "effective_rank", "alignment", "uniformity")
+BACKBONES = {"pretrained": "pretrained (CE on source)", "ce": "CE fine-tuned", "lacvit": "LaCViT stage 1"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -113,6 +113,8 @@ class Experiment:
     source: DatasetInfo
     target: DatasetInfo
     epochs: dict[str, int]
+    planned_runs: int = 0  # for "run k of N" in the log
+    started_runs: int = 0
 
     @property
     def runs(self) -> Path:
@@ -122,7 +124,8 @@ class Experiment:
         """One train.py run (in this process group); a finished run folder is reused, not retrained."""
         cfg = load_config(self.args.config, [*self.args.overrides, *overrides, f"run.stages=[{','.join(stages)}]",
                                              f"run.output_dir={self.runs}", f"run.name={name}"])
-        log.info("reproduce_small: run %s", name)
+        self.started_runs += 1
+        log.info("reproduce_small: run %d of %d: %s", self.started_runs, self.planned_runs, name)
         return run(cfg)
 
     def pretrain(self) -> tuple[Path, dict[str, Any]]:
@@ -193,7 +196,9 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     # stage 2 is much cheaper, so this favours the baseline if anything).
     epochs["baseline"] = epochs["stage1"] + epochs["stage2"]
     grid = parse_grid(args.grid or DEFAULT_GRID)
-    exp = Experiment(args, source, target, epochs)
+    # Pretraining, every grid candidate with the first seed, the chosen ones with the other seeds.
+    exp = Experiment(args, source, target, epochs,
+                     planned_runs=1 + sum(len(grid[m]) + len(args.seeds) - 1 for m in METHODS))
     pretrained, pretrain_results = exp.pretrain()
 
     first, *others = args.seeds
@@ -241,55 +246,47 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{per} | {_tag(m['hp'])} ({m['val_top1_chosen']:.4f}) |")
     lines += ["", "Backbone embeddings of the target test split (kNN bank: target train; LaCViT and CE: mean over "
                   "seeds):", "", "| backbone | " + " | ".join(HEALTH_KEYS) + " |", "|---" * (len(HEALTH_KEYS) + 1) + "|"]
-    names = {"pretrained": "pretrained (CE on source)", "ce": "CE fine-tuned", "lacvit": "LaCViT stage 1"}
-    for key, name in names.items():
+    for key, name in BACKBONES.items():
         lines.append(f"| {name} | " + " | ".join(f"{res['health'][key][k]:.4g}" for k in HEALTH_KEYS) + " |")
     return "\n".join(lines) + "\n"
 
 
-def figure(res: dict[str, Any]) -> np.ndarray:
-    methods = list(res["methods"].values())
-    bars = mean_std_bar_image([m["title"] for m in methods], [m["test_top1_mean"] for m in methods],
-                              [m["test_top1_std"] for m in methods], title="target test Top-1 (mean ± std)")
-    panels = [bars]
-    for key, title in (("pretrained", "pretrained"), ("ce", "CE fine-tuned"), ("lacvit", "LaCViT stage 1")):
-        emb = res["_embeddings"][key]
-        panels.append(scatter_image(pca_2d(emb["backbone"]).cpu(), emb["labels"].cpu(), res["target_classes"],
-                                    size=320, title=f"{title} (PCA, test)"))
-    return side_by_side(panels)
+def figure(res: dict[str, Any]):
+    """Top-1 bars with every seed's point, the embedding-health table, and each backbone's PCA."""
+    return reproduce_figure(
+        [(m["title"], m["test_top1"]) for m in res["methods"].values()],
+        {name: res["health"][key] for key, name in BACKBONES.items()}, HEALTH_KEYS,
+        [(f"{name} (PCA, test)", res["_embeddings"][key]["backbone"], res["_embeddings"][key]["labels"])
+         for key, name in BACKBONES.items()], res["target_classes"])
 
 
 def write_report(res: dict[str, Any], out: Path) -> str:
     table = markdown(res)
     write_json({k: v for k, v in res.items() if not k.startswith("_")}, out / "results.json")
     (out / "results.md").write_text(table)
-    save_png(figure(res), out / "reproduce_small.png")
+    save_figure(figure(res), out / "reproduce_small.png")
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out = args.out.resolve()
-    world = dist_utils.detect_world()
-    setup_console(world.rank)
+    rank = dist_utils.detect_world().rank
+    setup_console(rank)
     try:
-        device = resolve_device(load_config(args.config, list(args.overrides)))
+        cfg = load_config(args.config, list(args.overrides))
+        dist_utils.resolve_device(cfg.run.device)
         parse_grid(args.grid or DEFAULT_GRID)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    set_threads(world)
-    if device == "cuda":
-        torch.cuda.set_device(world.local_rank)
-    dist_utils.init_distributed(world, "nccl" if device == "cuda" else "gloo")
-    try:
-        res = run_experiment(args)
-        if world.rank == 0:
-            print(write_report(res, args.out), flush=True)
-            print(f"wrote {args.out}/results.md, results.json, reproduce_small.png", flush=True)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        torch.distributed.destroy_process_group()
+    with dist_utils.job(cfg.run.device, cfg.deepspeed.backend):
+        try:
+            res = run_experiment(args)
+            if rank == 0:
+                print(write_report(res, args.out), flush=True)
+                print(f"wrote {args.out}/results.md, results.json, reproduce_small.png", flush=True)
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0

@@ -10,11 +10,26 @@ from torch import nn
 
 from .config import Config
 from .data import transforms
+from .feature_cache import feature_cache_step
 from .losses import SupConLoss
 from .models import build_classifier, build_contrastive_model, image_stats
 from .resilience import NonFiniteGuard, guarded_backward_step
 
 VIEWS = 2  # stage 1: two augmented views per image (LACVIT.md)
+
+
+def engine_dtype(engine) -> torch.dtype:
+    """The dtype the DeepSpeed engine's module computes in (its inputs must match)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else torch.float32
+
+
+def to_engine(engine, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) on the engine's device, images in its compute dtype."""
+    images, labels = batch
+    return (images.to(engine.device, engine_dtype(engine), non_blocking=True),
+            labels.to(engine.device, non_blocking=True))
 
 
 class Task:
@@ -43,12 +58,13 @@ class Task:
 
     def train_step(self, engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
                    guard: NonFiniteGuard) -> dict[str, torch.Tensor]:
-        """Forward/backward every micro-batch of one optimizer step through the DeepSpeed engine (which
+        """Forward/backward every micro-batch (host or device tensors) of one optimizer step through the
+        DeepSpeed engine (which
         scales each by 1/accumulation and steps the optimizer at the boundary); a non-finite loss on any rank
         skips the step on every rank (`guard`). Returns mean metrics."""
         totals: dict[str, torch.Tensor] = {}
-        for images, labels in micro_batches:
-            loss, metrics = self.loss(engine, images, labels)
+        for batch in micro_batches:  # each micro-batch reaches the device only when it is used
+            loss, metrics = self.loss(engine, *to_engine(engine, batch))
             guarded_backward_step(engine, loss, guard)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0) + value.detach().float()
@@ -99,26 +115,11 @@ class Stage1Contrastive(Task):
     def train_step(self, engine, micro_batches, guard):
         if len(micro_batches) == 1 or self.cfg.stage1.accumulation == "plain":
             return super().train_step(engine, micro_batches, guard)
-        return self._feature_cache_step(engine, micro_batches, guard)
-
-    def _feature_cache_step(self, engine, micro_batches, guard):
-        """Contrast every anchor with all k micro-batches x all ranks (open_clip's accum-freq scheme).
-
-        A no-grad forward caches every micro-batch's projections; then each micro-batch j is recomputed with
-        gradient and the loss over the WHOLE accumulated batch is taken with only block j differentiable.
-        The k backward passes together give exactly the gradient of the one-big-batch loss, so DeepSpeed
-        must not divide them by k (scale_wrt_gas=False). The recompute must match the cached forward: the
-        stage-1 model has no dropout, and drop-path (if configured) makes this an approximation.
-        """
-        with torch.no_grad():
-            cached = [engine(images).detach() for images, _ in micro_batches]
-        labels = torch.cat([batch_labels for _, batch_labels in micro_batches])
-        stats: dict[str, torch.Tensor] = {}
-        for j, (images, _) in enumerate(micro_batches):
-            features = torch.cat(cached[:j] + [engine(images)] + cached[j + 1:])
-            loss, stats = self.criterion(features, labels)
-            guarded_backward_step(engine, loss, guard, scale_wrt_gas=False)
-        return {key: value.detach().float() for key, value in stats.items()}
+        # Every anchor contrasted with all k micro-batches x all ranks (lacvit_dist.feature_cache). The k
+        # backward passes together give exactly the gradient of the one-big-batch loss, so DeepSpeed must not
+        # divide them by k (scale_wrt_gas=False).
+        return feature_cache_step(engine, micro_batches, lambda batch: to_engine(engine, batch), self.criterion,
+                                  lambda loss: guarded_backward_step(engine, loss, guard, scale_wrt_gas=False))
 
 
 class _Classification(Task):

@@ -20,6 +20,37 @@ def test_generated_deepspeed_config():
     assert ds["train_batch_size"] == 8 * 4 * 16 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"] == {"stage": 2} and ds["bf16"] == {"enabled": True}
     assert ds["fp16"] == {"enabled": False} and ds["gradient_clipping"] == 0.5
+    # bf16 gradients are reduced and summed in fp32 unless asked otherwise (tests/test_bf16_gradients.py).
+    assert ds["communication_data_type"] == "fp32" and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    model_dtypes = load_config(None, ["deepspeed.zero_stage=2", "deepspeed.precision=bf16",
+                                      "deepspeed.grad_reduce_dtype=model", "deepspeed.grad_accum_dtype=model"])
+    ds = deepspeed_config(model_dtypes, model_dtypes.stage1, world_size=2)
+    assert ds["communication_data_type"] == "bf16" and ds["data_types"] == {"grad_accum_dtype": "bf16"}
+    fp32 = deepspeed_config(load_config(None, []), cfg.stage1, world_size=2)
+    assert "communication_data_type" not in fp32 and "data_types" not in fp32
+
+
+def test_bf16_zero0_sums_in_bf16_only_without_accumulation():
+    """DeepSpeed's ZeRO-0 bf16 path cannot sum in fp32: with one micro-batch per step nothing is summed; with
+    several, the config names the fix instead of failing inside deepspeed.initialize."""
+    cfg = load_config(None, ["deepspeed.zero_stage=0", "deepspeed.precision=bf16"])
+    ds = deepspeed_config(cfg, cfg.stage1, world_size=2)
+    assert ds["communication_data_type"] == "fp32" and ds["data_types"] == {"grad_accum_dtype": "bf16"}
+    with pytest.raises(ConfigError, match="deepspeed.grad_accum_dtype: .*stage1.grad_accum_steps is 4.*zero_stage=1"):
+        load_config(None, ["deepspeed.zero_stage=0", "deepspeed.precision=bf16", "stage1.grad_accum_steps=4"])
+    load_config(None, ["deepspeed.zero_stage=0", "deepspeed.precision=bf16", "stage1.grad_accum_steps=4",
+                       "deepspeed.grad_accum_dtype=model"])
+
+
+def test_optimizer_offload_refused_with_the_way_out(tmp_path):
+    user = tmp_path / "offload.json"
+    user.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": True}}}))
+    cfg = load_config(None, ["deepspeed.zero_stage=2", f"deepspeed.config_file={user}"])
+    with pytest.raises(ConfigError, match=r"offload.json sets zero_optimization.offload_optimizer .*'cpu'.*"
+                                          r"zero_stage=3.*activation_checkpointing"):
+        deepspeed_config(cfg, cfg.stage1, world_size=2)
+    user.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "none"}}}))
+    deepspeed_config(cfg, cfg.stage1, world_size=2)
 
 
 def test_user_deepspeed_file_merged_and_checked(tmp_path):
