@@ -13,8 +13,11 @@ def _pins(name: str) -> list[str]:
 
 # Direct dependencies, each pinned to the version in requirements/lock.txt (the tested set).
 _DIRECT = {"deepspeed", "webdataset", "timm", "submitit", "tensorboard", "fairscale", "pyyaml",
-           "safetensors", "scikit-learn", "numpy", "pillow", "tqdm"}
+           "safetensors", "scikit-learn", "numpy", "pillow", "tqdm", "matplotlib", "huggingface_hub"}
 _LOCK = {line.split("==")[0].lower(): line for line in _pins("lock.txt")}
+# torch: a range, not the lock's pin. 2.11 is the lent GPU machine's torch (checked by `make test-torch211`),
+# 2.14.1 the locked set `make setup` installs from requirements/torch.txt; nothing newer has been tested.
+_TORCH_RANGE = ["torch>=2.11,<=2.14.1", "torchvision>=0.26,<=0.29.1"]
 
 setup(
     name="lacvit_dist",
@@ -24,11 +27,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["lacvit_dist", "lacvit_dist.*"]),
-    install_requires=_pins("torch.txt") + sorted(_LOCK[name] for name in _DIRECT),
+    install_requires=_TORCH_RANGE + sorted(_LOCK[name] for name in _DIRECT),
     extras_require={"test": [_LOCK["pytest"]], "dev": [_LOCK["pytest"]]},
     entry_points={"console_scripts": [
         "lacvit-train = lacvit_dist.cli:main",
         "lacvit-make-shards = lacvit_dist.data.make_shards:main",
         "lacvit-inspect-shards = lacvit_dist.data.inspect:main",
+        "lacvit-fetch-weights = lacvit_dist.pretrained:main",
     ]},
 )

@@ -109,7 +109,7 @@ class ContrastiveModel(nn.Module):
         batch, nviews = views.shape[:2]
         # All 2N views go through the encoder in one forward pass, as in the paper.
         z = self.head(self.backbone(views.flatten(0, 1)))
-        return z.view(batch, nviews, -1)
+        return z.view(batch, nviews, z.shape[-1])  # explicit width: an empty batch (ZeRO-3 lock-step) has no -1
 
 
 def build_contrastive_model(cfg: ModelConfig) -> ContrastiveModel:
