@@ -26,13 +26,15 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["lacvit_dist", "lacvit_dist.*"]),
+    packages=find_packages(include=["lacvit_dist", "lacvit_dist.*", "launchers", "launchers.*"]),
     install_requires=_TORCH_RANGE + sorted(_LOCK[name] for name in _DIRECT),
     extras_require={"test": [_LOCK["pytest"]], "dev": [_LOCK["pytest"]]},
     entry_points={"console_scripts": [
         "lacvit-train = lacvit_dist.cli:main",
         "lacvit-make-shards = lacvit_dist.data.make_shards:main",
         "lacvit-inspect-shards = lacvit_dist.data.inspect:main",
-        "lacvit-fetch-weights = lacvit_dist.pretrained:main",
+        "lacvit-fetch-weights = lacvit_dist.models.pretrained:main",
+        "lacvit-evaluate = lacvit_dist.evaluation.offline:main",
+        "lacvit-submit = launchers.submit:main",
     ]},
 )

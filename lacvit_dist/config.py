@@ -14,6 +14,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from lacvit_dist.io import write_text
+from lacvit_dist.stages import STAGE_NAMES
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or inconsistent; the message names the field."""
@@ -177,12 +180,10 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def stage(self, name: str) -> StageConfig:
-        if name not in STAGES:
-            raise ConfigError(f"run.stages: unknown stage {name!r}; choose from {list(STAGES)}")
+        if name not in STAGE_NAMES:
+            raise ConfigError(f"run.stages: unknown stage {name!r}; choose from {list(STAGE_NAMES)}")
         return getattr(self, name)
 
-
-STAGES = ("stage1", "stage2", "baseline")
 
 
 # --------------------------------------------------------------------------------------------- typed build
@@ -332,7 +333,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.stop_check_every_s: must be > 0, got {cfg.run.stop_check_every_s}")
     if cfg.run.max_nonfinite_steps < 1:
         raise ConfigError(f"run.max_nonfinite_steps: must be >= 1, got {cfg.run.max_nonfinite_steps}")
-    for name in STAGES:
+    for name in STAGE_NAMES:
         stage = cfg.stage(name)
         for key in ("epochs", "micro_batch_size", "grad_accum_steps", "eval_every_epochs", "log_every_steps"):
             if getattr(stage, key) < 1:
@@ -409,7 +410,4 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the merged config (what actually ran) as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

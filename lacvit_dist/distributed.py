@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -110,7 +111,7 @@ class Job:
 
 def resolve_device(requested: str) -> str:
     """'cpu' or 'cuda' for run.device ('auto': a GPU when one is visible)."""
-    from .config import ConfigError
+    from lacvit_dist.config import ConfigError
 
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -240,3 +241,66 @@ def collective_device() -> torch.device:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device | str | None = None) -> bool:
+    """True if `flag` is True on any rank (one all-reduce MAX of one int32; no collective in a single process)."""
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device or collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def max_over_ranks(values: list[float], device: torch.device | str | None = None) -> list[float]:
+    """Element-wise maximum of `values` over all ranks (one all-reduce; the values themselves in one process)."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device or collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+T = TypeVar("T")
+
+
+def _picklable(exc: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - sent as text instead
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def rank0_decides(decide: Callable[[], T]) -> T:
+    """Run `decide()` on rank 0 only and hand its result, or the exception it raised, to every rank.
+
+    For decisions every rank must take alike (stage finished? backbone present? which checkpoint?): ranks that
+    each read a shared file system can see different things for a while (NFS attribute caches, a file written
+    a moment ago), and ranks that take different branches deadlock in their next collective. A collective:
+    every rank must call it; every rank raises if `decide` raised."""
+    if world_size() == 1:
+        return decide()
+    box: list[Any] = [None]
+    error: Exception | None = None
+    if rank() == 0:
+        try:
+            box = [("ok", decide())]
+        except Exception as exc:  # noqa: BLE001 - every rank raises it below, not only rank 0
+            error, box = exc, [("error", _picklable(exc))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order, on every rank (a collective; [obj] in a single process)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

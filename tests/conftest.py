@@ -1,12 +1,10 @@
 """Shared fixtures: real data (scikit-learn's shipped digits) written as WebDataset shards once per session."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/dist_helpers.py
 
 # Tests run several ranks on 2 cores; one thread each keeps them from thrashing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

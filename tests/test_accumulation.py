@@ -30,16 +30,16 @@ def _one_optimizer_step(rank, world_size, accumulation, accum, zero_stage, stoch
     import torch
 
     from lacvit_dist.config import load_config
-    from lacvit_dist.engine import build_optimizer, deepspeed_config
-    from lacvit_dist.resilience import NonFiniteGuard
-    from lacvit_dist.tasks import Stage1Contrastive
+    from lacvit_dist.train.engine import build_optimizer, deepspeed_config
+    from lacvit_dist.train.nonfinite import NonFiniteGuard
+    from lacvit_dist.train.objectives import SupConObjective
 
     micro = IMAGES_PER_RANK // accum
     cfg = load_config(None, TINY + (STOCHASTIC if stochastic else []) + [
         f"stage1.grad_accum_steps={accum}", f"stage1.micro_batch_size={micro}",
         f"stage1.accumulation={accumulation}", f"deepspeed.zero_stage={zero_stage}"])
     torch.manual_seed(0)
-    task = Stage1Contrastive(cfg, num_classes=3)
+    task = SupConObjective(cfg, num_classes=3)
     optimizer, scheduler = build_optimizer(task.model, cfg.stage1, total_steps=1)
     engine, *_ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, cfg.stage1, world_size), dist_init_required=False)
@@ -60,7 +60,7 @@ def _one_optimizer_step(rank, world_size, accumulation, accum, zero_stage, stoch
                                            for i in range(accum)], NonFiniteGuard(1))
     assert engine.global_steps == 1  # exactly one optimizer step was taken
     update = {n: (before[n] - p).numpy() for n, p in params().items()}
-    from lacvit_dist.models import count_parameters  # the start-up summary's count, real under ZeRO-3 too
+    from lacvit_dist.models.memory import count_parameters
 
     return (update, float(metrics["loss"]), task.contrast_terms(micro, accum, world_size),
             count_parameters(engine.module, trainable_only=True))

@@ -15,7 +15,7 @@ from lacvit_dist.data.checks import DataCheckError, check_data, shard_problem, t
 from lacvit_dist.data.pipeline import BadSampleError, eval_loader, train_loader
 from lacvit_dist.data.shards import DatasetInfo, SplitInfo
 from lacvit_dist.data.transforms import ImageStats, evaluation
-from lacvit_dist.evaluation import skipped_in_bank
+from lacvit_dist.evaluation.passes import skipped_in_bank
 
 STATS = ImageStats(img_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

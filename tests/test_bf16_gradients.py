@@ -2,7 +2,6 @@
 (deepspeed.grad_reduce_dtype / grad_accum_dtype): the update equals the fp32 sum of the very bf16 micro-batch
 gradients each rank computes, to fp32 rounding. DeepSpeed's own default (bf16 sums, "model") misses that by
 orders of magnitude, which shows the test can tell them apart."""
-import numpy as np
 import pytest
 from dist_helpers import run_in_processes
 
@@ -25,7 +24,7 @@ def _one_step(rank, world_size, zero_stage, dtypes):
     from deepspeed.utils import safe_get_full_fp32_param
 
     from lacvit_dist.config import load_config
-    from lacvit_dist.engine import deepspeed_config, gradient_dtypes
+    from lacvit_dist.train.engine import deepspeed_config, gradient_dtypes
 
     cfg = load_config(None, ["run.device=cpu", "deepspeed.precision=bf16", f"deepspeed.zero_stage={zero_stage}",
                              "deepspeed.gradient_clipping=0.0", f"stage1.grad_accum_steps={ACCUM}",

@@ -15,7 +15,9 @@ import pytest
 import torch
 from dist_helpers import run_in_processes
 
-from lacvit_dist import checkpoint as ck
+from lacvit_dist.distributed import barrier
+from lacvit_dist.models.layouts import load_state_dict_file
+from lacvit_dist.train import checkpoint as ck
 
 K, N = 3, 6  # save after step K, train to step N
 
@@ -147,7 +149,7 @@ def _save_cycle(rank, world_size, root):
     except OSError as exc:
         crash = str(exc)
     engine.save_checkpoint = original
-    ck._barrier()
+    barrier()
     after_crash = (ck._read_latest(ckpt_dir), ck.find_latest(ckpt_dir), ck.is_complete(ckpt_dir, "step00000004"),
                    (ckpt_dir / "step00000004").is_dir())
 
@@ -228,7 +230,7 @@ def test_kill_during_save_leaves_latest_at_previous(tmp_path):
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_checkpoint import _KillingEngine
-        from lacvit_dist.checkpoint import save_training_checkpoint
+        from lacvit_dist.train.checkpoint import save_training_checkpoint
         save_training_checkpoint(_KillingEngine(), {str(tmp_path)!r}, 2, {{}}, keep_last=1)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
@@ -261,19 +263,19 @@ def test_load_state_dict_file(tmp_path):
     torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "c.pth")
     torch.save({"model": sd}, tmp_path / "d.pt")
     for name in ("a.safetensors", "b.pt", "c.pth", "d.pt"):
-        got = ck.load_state_dict_file(tmp_path / name)
+        got = load_state_dict_file(tmp_path / name)
         assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd), name
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        ck.load_state_dict_file(tmp_path / "missing.pt")
+        load_state_dict_file(tmp_path / "missing.pt")
     torch.save({"w": torch.zeros(1), "obj": _Custom()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match=r"evil\.pt.*weights_only=True refused"):
-        ck.load_state_dict_file(tmp_path / "evil.pt")
+        load_state_dict_file(tmp_path / "evil.pt")
     torch.save({"w": torch.zeros(1), "n": 3}, tmp_path / "mixed.pt")
     with pytest.raises(ValueError, match=r"mixed\.pt: entries that are not tensors: \['n'\]"):
-        ck.load_state_dict_file(tmp_path / "mixed.pt")
+        load_state_dict_file(tmp_path / "mixed.pt")
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="bad.safetensors"):
-        ck.load_state_dict_file(tmp_path / "bad.safetensors")
+        load_state_dict_file(tmp_path / "bad.safetensors")
     (tmp_path / "w.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported weights format"):
-        ck.load_state_dict_file(tmp_path / "w.npz")
+        load_state_dict_file(tmp_path / "w.npz")

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 
 from lacvit_dist.config import ModelConfig, load_config
-from lacvit_dist.models import (build_contrastive_model, create_backbone, detect_checkpoint_format, estimate_memory,
-                                load_pretrained_backbone)
+from lacvit_dist.models.factory import build_contrastive_model, create_backbone
+from lacvit_dist.models.layouts import detect_checkpoint_format, load_pretrained_backbone
+from lacvit_dist.models.memory import estimate_memory
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)

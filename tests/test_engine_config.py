@@ -6,8 +6,8 @@ import math
 import pytest
 
 from lacvit_dist.config import ConfigError, load_config
-from lacvit_dist.engine import build_optimizer, deepspeed_config
-from lacvit_dist.models import build_classifier
+from lacvit_dist.train.engine import build_optimizer, deepspeed_config
+from lacvit_dist.models.factory import build_classifier
 
 TINY = ["model.name=vit_tiny_patch16_224", "model.overrides.img_size=16", "model.overrides.patch_size=4",
         "model.overrides.embed_dim=32", "model.overrides.depth=3", "model.overrides.num_heads=2"]

@@ -9,7 +9,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from lacvit_dist.checkpoint import sha256, tag_for_step
+from lacvit_dist.io import sha256
+from lacvit_dist.train.checkpoint import tag_for_step
 from lacvit_dist.data.pipeline import eval_loader
 from lacvit_dist.data.shards import load_info
 from test_train import launch, results
@@ -65,7 +66,7 @@ def test_stage1_backbone_exports_without_a_head(run_dir):
 
 
 def test_evaluate_tool_reads_the_timm_folder(digits_root, run_dir, tmp_path):
-    from lacvit_dist.offline_eval import main as evaluate
+    from lacvit_dist.evaluation.offline import main as evaluate
 
     assert evaluate([str(run_dir / "stage2" / "timm"), "--data", str(digits_root), "--workers", "0",
                      "--out", str(tmp_path / "ev")]) == 0

@@ -1,10 +1,10 @@
 """The feature cache's recompute is the same function as its cached forward: stochastic depth and dropout
-draw the same masks when the random state is replayed (lacvit_dist.feature_cache)."""
+draw the same masks when the random state is replayed (lacvit_dist.train.feature_cache)."""
 import torch
 
 from lacvit_dist.config import load_config
-from lacvit_dist.feature_cache import capture_rng, replayed_rng
-from lacvit_dist.models import build_contrastive_model
+from lacvit_dist.train.feature_cache import capture_rng, replayed_rng
+from lacvit_dist.models.factory import build_contrastive_model
 
 STOCHASTIC = ["model.name=vit_tiny_patch16_224", "model.overrides.img_size=16", "model.overrides.patch_size=4",
               "model.overrides.embed_dim=32", "model.overrides.depth=2", "model.overrides.num_heads=2",

@@ -1,5 +1,5 @@
 """figures.py draws what the metrics say (cell values, names, variance shares, seeds), at 10 and 200 classes,
-in bounded time; tb.py turns a real evaluation pass into TensorBoard figures, text and PR curves."""
+in bounded time; lacvit_dist/log.py turns a real evaluation pass into TensorBoard figures, text and PR curves."""
 from __future__ import annotations
 
 import io
@@ -20,10 +20,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO
 from dist_helpers import free_port
-from lacvit_dist import figures
-from lacvit_dist.evaluation import evaluate_classifier
-from lacvit_dist.metrics import confusion_matrix, per_class_accuracy, pr_curves, pr_histograms
-from lacvit_dist.tb import PRTally, TensorBoard, format_duration
+from lacvit_dist.evaluation import figures
+from lacvit_dist.evaluation.passes import evaluate_classifier
+from lacvit_dist.evaluation.metrics import confusion_matrix, per_class_accuracy, pr_curves, pr_histograms
+from lacvit_dist.log import PRTally, TensorBoard, format_duration
 
 
 def noisy_predictions(num_classes: int, n: int, hit: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

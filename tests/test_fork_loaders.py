@@ -2,7 +2,6 @@
 another thread holds the interpreter's thread-list lock (gh-112275), and evaluation starts fresh workers every
 time. Workers come from a fork server instead; many loaders back to back, while threads come and go, finish."""
 import io
-import itertools
 import subprocess
 import sys
 import textwrap

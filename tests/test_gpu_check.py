@@ -8,8 +8,7 @@ import sys
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "tools"))
-import gpu_check  # noqa: E402
+from tools import gpu_check
 
 
 def test_dry_run_writes_every_part(tmp_path):
@@ -47,7 +46,7 @@ def test_report_names_a_failed_part(tmp_path):
 def test_device_wheel_check_names_each_problem(tmp_path):
     """tools/prepare_device_wheels.py --check: a missing package, a doubled one (pip refuses two versions), a
     version off the lock and a wheel for another Python are each named with the file."""
-    import prepare_device_wheels as W
+    from tools import prepare_device_wheels as W
 
     versions = W.lock_versions()
     names = {n: f"{n.replace('-', '_')}-{versions[W.normalise(n)]}-py3-none-any.whl" for n in W.BUILT + W.DOWNLOADED}

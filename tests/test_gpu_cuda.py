@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
-from lacvit_dist.engine import build_optimizer, initialize_engine
+from lacvit_dist.train.engine import build_optimizer, initialize_engine
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = ["model.overrides.img_size=16", "model.overrides.patch_size=4", "model.overrides.embed_dim=32",
@@ -44,13 +44,13 @@ def job():
 
 def _engine(overrides: list[str], seed: int = 0):
     from lacvit_dist.config import load_config
-    from lacvit_dist.tasks import Stage1Contrastive
+    from lacvit_dist.train.objectives import SupConObjective
 
     cfg = load_config(REPO / "configs" / "demo_digits.yaml", [
         *TINY, f"run.device={DEVICE}", "deepspeed.precision=bf16", "stage1.micro_batch_size=8",
         "stage1.optimizer.warmup_steps=0", *overrides])
     torch.manual_seed(seed)
-    task = Stage1Contrastive(cfg, num_classes=CLASSES)
+    task = SupConObjective(cfg, num_classes=CLASSES)
     optimizer, scheduler = build_optimizer(task.model, cfg.stage1, total_steps=10)
     engine = initialize_engine(cfg, cfg.stage1, task.model, optimizer, scheduler, world_size=1)
     task.set_train_mode(engine.module)
@@ -58,14 +58,14 @@ def _engine(overrides: list[str], seed: int = 0):
 
 
 def _batches(engine, micro: int, accum: int, seed: int):
-    from lacvit_dist.bench import _synthetic
-    from lacvit_dist.tasks import engine_dtype
+    from tools.bench_train import _synthetic
+    from lacvit_dist.train.objectives import engine_dtype
 
     return _synthetic(micro, accum, 16, CLASSES, engine.device, engine_dtype(engine), seed)
 
 
 def _step(task, engine, batches) -> dict[str, torch.Tensor]:
-    from lacvit_dist.resilience import NonFiniteGuard
+    from lacvit_dist.train.nonfinite import NonFiniteGuard
 
     guard = NonFiniteGuard(1)
     stats = task.train_step(engine, batches, guard)
@@ -78,7 +78,7 @@ def _params(engine) -> dict[str, torch.Tensor]:
 
 
 def test_bf16_loss_on_device_matches_float64_reference(job):
-    from lacvit_dist.losses import supcon_loss
+    from lacvit_dist.train.losses import supcon_loss
 
     gen = torch.Generator().manual_seed(0)
     features = F.normalize(torch.randn(256, 2, 128, generator=gen), dim=-1).bfloat16()
@@ -138,10 +138,10 @@ def test_feature_cache_step_compiled_matches_eager(job):
 # without its update (aot_eager, CPU; not on 2.14.1). Training builds one ZeRO stage per process.
 def test_empty_batch_forward_under_zero3(job):
     """What evaluation runs on an empty batch: stage 1's encode (backbone + head), a classifier's forward."""
-    from lacvit_dist.tasks import BaselineFinetune
+    from lacvit_dist.train.objectives import CEFineTuneObjective
 
     task, engine = _engine(["deepspeed.zero_stage=3"])
-    baseline = BaselineFinetune(task.cfg, num_classes=CLASSES)
+    baseline = CEFineTuneObjective(task.cfg, num_classes=CLASSES)
     optimizer, scheduler = build_optimizer(baseline.model, task.cfg.baseline, total_steps=10)
     classifier = initialize_engine(task.cfg, task.cfg.baseline, baseline.model, optimizer, scheduler, world_size=1)
     empty = torch.zeros(0, 3, 16, 16, device=engine.device, dtype=torch.bfloat16)

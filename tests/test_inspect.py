@@ -14,7 +14,7 @@ import pytest
 
 from lacvit_dist.data.inspect import main as inspect_main
 from lacvit_dist.data.shards import INFO_FILE, Sample, load_info, write_dataset
-from lacvit_dist.data.sources import encode_array
+from lacvit_dist.data.encoding import encode_array
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,6 @@ The reference lives here, not in the package: explicit loops over anchors, fp64,
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 
 import pytest
@@ -15,10 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_helpers import ChildProcessFailed, run_in_processes  # noqa: E402
+from dist_helpers import run_in_processes
 
-from lacvit_dist.losses import SupConLoss, supcon_loss  # noqa: E402
+from lacvit_dist.train.losses import SupConLoss, supcon_loss
 
 BATCH, DIM, DIN = 4, 8, 6  # per-rank images, projection dim, input dim of the shared Linear
 T = 0.1

@@ -16,7 +16,7 @@ from PIL import Image
 
 from lacvit_dist.data import make_shards
 from lacvit_dist.data.shards import Sample, load_info, write_dataset
-from lacvit_dist.data.sources import encode_array
+from lacvit_dist.data.encoding import encode_array
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -7,7 +7,7 @@ from pathlib import Path
 from dist_helpers import run_in_processes
 
 from lacvit_dist.config import load_config
-from lacvit_dist.models import estimate_memory
+from lacvit_dist.models.memory import estimate_memory
 
 MIB = 2 ** 20
 
@@ -44,13 +44,13 @@ def _measured_step(rank, world_size, img, width, accum, micro):
     import torch
 
     from lacvit_dist.distributed import detect_world, init_distributed
-    from lacvit_dist.engine import build_optimizer, deepspeed_config
-    from lacvit_dist.resilience import NonFiniteGuard
-    from lacvit_dist.tasks import Stage1Contrastive
+    from lacvit_dist.train.engine import build_optimizer, deepspeed_config
+    from lacvit_dist.train.nonfinite import NonFiniteGuard
+    from lacvit_dist.train.objectives import SupConObjective
 
     init_distributed(detect_world(), "gloo")
     cfg, estimate = _tiny(img, width, accum, micro)
-    task = Stage1Contrastive(cfg, num_classes=10)
+    task = SupConObjective(cfg, num_classes=10)
     optimizer, scheduler = build_optimizer(task.model, cfg.stage1, total_steps=10)
     engine, *_ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, cfg.stage1, 1), dist_init_required=False)

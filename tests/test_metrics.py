@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lacvit_dist.metrics import (alignment, balanced_accuracy, confusion_matrix, effective_rank,
+from lacvit_dist.evaluation.metrics import (alignment, balanced_accuracy, confusion_matrix, effective_rank,
                                  embedding_health, isotropy_partition, knn_accuracy, knn_correct, knn_predict,
                                  mean_pairwise_cosine, per_class_accuracy, pr_curves, pr_histograms, same_class_pairs,
                                  topk_correct, uniformity)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lacvit_dist.config import ConfigError, ModelConfig, load_config
-from lacvit_dist.models import (apply_activation_checkpointing, build_classifier, build_contrastive_model,
-                                count_parameters, create_backbone, estimate_memory)
+from lacvit_dist.models.factory import apply_activation_checkpointing, build_classifier, build_contrastive_model, create_backbone
+from lacvit_dist.models.memory import count_parameters, estimate_memory
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)

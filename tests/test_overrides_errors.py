@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from lacvit_dist.checkpoint import save_state_dict
+from lacvit_dist.train.checkpoint import save_state_dict
 from lacvit_dist.config import ConfigError, ModelConfig, load_config, to_dict
-from lacvit_dist.models import build_classifier, create_backbone
+from lacvit_dist.models.factory import build_classifier, create_backbone
 
 TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
@@ -29,7 +29,7 @@ def test_override_of_the_wrong_type_names_the_section():
 
 
 def _stage1_backbone(path, model_cfg: ModelConfig) -> None:
-    """A backbone file and manifest as stage 1 exports them (engine._export's manifest fields)."""
+    """A backbone file and manifest as stage 1 exports them (the manifest fields of lacvit_dist.train.loop._export)."""
     cfg = load_config(None, [f"model.name={model_cfg.name}"] + [f"model.overrides.{k}={v}"
                                                                for k, v in model_cfg.overrides.items()])
     torch.manual_seed(0)

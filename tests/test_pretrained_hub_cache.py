@@ -12,8 +12,8 @@ from timm.layers import resample_abs_pos_embed
 
 from conftest import REPO
 from lacvit_dist.config import ConfigError, ModelConfig, load_config
-from lacvit_dist.models import build_classifier, create_backbone
-from lacvit_dist.pretrained import FETCH_COMMAND, WeightsMissingError, resolve
+from lacvit_dist.models.factory import build_classifier, create_backbone
+from lacvit_dist.models.pretrained import FETCH_COMMAND, WeightsMissingError, resolve
 
 TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # a real timm tag (5.7M parameters)
 
@@ -98,7 +98,7 @@ def test_unknown_tag_and_pretrained_with_path_are_config_errors(tmp_path):
 
 
 def test_fetch_command_offline(hf_home, capsys):
-    from lacvit_dist.pretrained import main as fetch
+    from lacvit_dist.models.pretrained import main as fetch
 
     assert fetch([TAG]) == 1  # missing and offline: a clear error, nothing downloaded
     err = capsys.readouterr().err
@@ -109,7 +109,7 @@ def test_fetch_command_offline(hf_home, capsys):
 
 
 def test_fetch_command_reads_the_tag_from_a_config(hf_home, tmp_path, capsys):
-    from lacvit_dist.pretrained import main as fetch
+    from lacvit_dist.models.pretrained import main as fetch
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model:\n  name: {TAG}\n  pretrained: true\n")

@@ -15,7 +15,7 @@ from conftest import REPO
 from lacvit_dist.config import ConfigError
 from lacvit_dist.data.shards import encoded_samples, load_info
 from lacvit_dist.data.subsets import parse_classes, write_class_subset
-from lacvit_dist.reproduce import choose, mean_std, parse_grid
+from tools.reproduce_small import choose, mean_std, parse_grid
 
 
 def labels_of(split) -> list[int]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from dist_helpers import run_in_processes
 
-from lacvit_dist.resilience import REQUEUE_EXIT_CODE, NonFiniteError, NonFiniteGuard, StopCheck, StopSignal
+from lacvit_dist.train.nonfinite import NonFiniteError, NonFiniteGuard
+from lacvit_dist.train.preemption import REQUEUE_EXIT_CODE, StopCheck, StopSignal
 
 
 def test_stop_signal_sets_a_flag_and_restores_handlers():
@@ -24,7 +25,7 @@ def test_stop_signal_sets_a_flag_and_restores_handlers():
 
 
 def _signal_on_rank1(rank, world_size):
-    from lacvit_dist.resilience import StopSignal
+    from lacvit_dist.train.preemption import StopSignal
 
     with StopSignal([signal.SIGUSR1]) as stop:
         first = stop.requested_anywhere()
@@ -55,7 +56,7 @@ SIGNAL_AT, EVERY_S = 6, 1.0
 def _slow_steps_then_signal(rank, world_size):
     import time
 
-    from lacvit_dist.resilience import StopCheck, StopSignal
+    from lacvit_dist.train.preemption import StopCheck, StopSignal
 
     with StopSignal([signal.SIGUSR1]) as stop:
         check = StopCheck(stop, every_steps=1000, every_s=EVERY_S, step=0)
@@ -117,18 +118,18 @@ def _params(engine):
 
 def _guarded_runs(rank, world_size, runs):
     from lacvit_dist.distributed import detect_world, init_distributed
-    from lacvit_dist.resilience import NonFiniteError, NonFiniteGuard, guarded_backward_step
+    from lacvit_dist.train.nonfinite import guarded_backward_step, NonFiniteError, NonFiniteGuard
 
-    import lacvit_dist.resilience as resilience
+    import lacvit_dist.train.nonfinite as nonfinite
 
     init_distributed(detect_world(), "gloo")
-    calls, real_any_rank = [0], resilience.any_rank
+    calls, real_any_rank = [0], nonfinite.any_rank
 
     def counting_any_rank(*args, **kwargs):  # the guard's only collective
         calls[0] += 1
         return real_any_rank(*args, **kwargs)
 
-    resilience.any_rank = counting_any_rank
+    nonfinite.any_rank = counting_any_rank
     out = []
     for zero_stage, accum, nan_at, steps, max_consecutive, guarded, *bf16 in runs:
         calls[0] = 0

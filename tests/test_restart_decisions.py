@@ -21,7 +21,7 @@ NOT_SHAPING = ["run.checkpoint_every_steps=7", "run.keep_checkpoints=5", "run.st
 
 
 def _outcome(fn):
-    from lacvit_dist.checkpoint import CheckpointError
+    from lacvit_dist.train.checkpoint import CheckpointError
     from lacvit_dist.config import ConfigError
 
     try:
@@ -36,8 +36,9 @@ def _restarts(rank, world_size, data_root, out):
 
     import torch
 
-    from lacvit_dist.checkpoint import load_training_checkpoint
-    from lacvit_dist.cli import decide_stage, run
+    from lacvit_dist.train.checkpoint import load_training_checkpoint
+    from lacvit_dist.cli import run
+    from lacvit_dist.train.restart import decide_stage
     from lacvit_dist.config import load_config
     from lacvit_dist.distributed import detect_world, init_distributed
 

@@ -17,9 +17,9 @@ from lacvit_dist.data import make_shards
 from lacvit_dist.data.shards import (
     INFO_FILE, DatasetInfoError, Sample, SplitInfo, SplitNotFoundError, encoded_samples, load_info, write_dataset,
 )
-from lacvit_dist.data.sources import (
-    digits_source, encode_array, encode_file, image_folder_source, stratified_split,
-)
+from lacvit_dist.data.encoding import encode_array, encode_file
+from lacvit_dist.data.sources import digits_source, image_folder_source
+from lacvit_dist.data.splits import stratified_split
 
 FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 

@@ -21,9 +21,8 @@ import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO))  # `launchers` is a folder of the checkout, not an installed package
-from launchers import local_cluster, slurm_jobs  # noqa: E402
-from lacvit_dist.data.shards import load_info  # noqa: E402
+from launchers import local_cluster, slurm_job, status
+from lacvit_dist.data.shards import load_info
 
 SUBMIT = [sys.executable, str(REPO / "launchers" / "submit.py")]
 CONFIG = REPO / "configs" / "demo_digits.yaml"
@@ -113,7 +112,7 @@ def test_two_stage_run_on_slurm(two_stage_run, digits_root, slurm_cluster):
     run_dir = two_stage_run
     jobs = jobs_of(run_dir)
     assert set(jobs) == {"stage1", "stage2"}
-    states = slurm_jobs.job_states(list(jobs.values()))
+    states = status.job_states(list(jobs.values()))
     assert all(s["state"] == "COMPLETED" for s in states.values()), f"{states}\n{cluster_logs(run_dir, slurm_cluster)}"
     entries = json.loads((run_dir / "jobs.json").read_text())["jobs"]
     assert entries[1]["depends_on"] == jobs["stage1"]  # stage 2 waited for stage 1 (afterok)
@@ -180,11 +179,11 @@ def test_config_error_stops_before_submitting(tmp_path):
 
 
 def test_checkpoint_hook_resubmits_the_same_task_and_counts_requeues(tmp_path):
-    spec = slurm_jobs.StageSpec(stage="stage1", config=str(CONFIG), overrides=("a=1",), run_dir=str(tmp_path),
+    spec = slurm_job.StageSpec(stage="stage1", config=str(CONFIG), overrides=("a=1",), run_dir=str(tmp_path),
                                 cwd=str(REPO), max_requeues=2, timeout_min=10)
-    task = pickle.loads(pickle.dumps(slurm_jobs.StageTask(spec)))  # what submitit stores
+    task = pickle.loads(pickle.dumps(slurm_job.SlurmStageJob(spec)))  # what submitit stores
     first = task.checkpoint()
-    assert isinstance(first.function, slurm_jobs.StageTask) and first.function.spec == spec  # nothing frozen in
+    assert isinstance(first.function, slurm_job.SlurmStageJob) and first.function.spec == spec  # nothing frozen in
     assert task.checkpoint() is not None
     assert task.checkpoint() is None  # the third exceeds --max-requeues 2
     assert json.loads((tmp_path / "slurm" / "requeues.json").read_text()) == {"stage1": 3}
@@ -198,7 +197,7 @@ def test_world_from_slurm_variables_uses_loopback_on_one_node(monkeypatch):
                        "MASTER_ADDR": "elsewhere", "MASTER_PORT": "1", "LOCAL_WORLD_SIZE": "9",
                        "OMP_NUM_THREADS": "1"}.items():
         monkeypatch.setenv(key, value)
-    values = slurm_jobs._export_world()
+    values = slurm_job._export_world()
     assert values == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(20000 + 4321 % 20000)}
     assert os.environ["RANK"] == "1"
@@ -218,7 +217,7 @@ def test_signal_checkpoints_requeues_and_resumes(slurm_cluster, digits_root, tmp
         return "".join(p.read_text(errors="replace") for p in job_dir.glob(f"{job_id}_{rank}_log.*"))
 
     def state() -> dict[str, str]:
-        return slurm_jobs.job_states([job_id])[job_id]
+        return status.job_states([job_id])[job_id]
 
     def details() -> str:
         return f"{state()}\n{cluster_logs(run_dir, slurm_cluster)}"
@@ -231,7 +230,7 @@ def test_signal_checkpoints_requeues_and_resumes(slurm_cluster, digits_root, tmp
     wait_until(lambda: int(state().get("restarts", "0")) >= 1, 90, "the job to be requeued", details)
     # No StartTime override: slurmctld holds the requeued job until its old launch credentials expire
     # (AuthInfo=cred_expire in the test cluster); releasing it earlier makes slurmd refuse the launch.
-    wait_until(lambda: state()["state"] in slurm_jobs.TERMINAL_STATES, 240, "the requeued job to finish", details)
+    wait_until(lambda: state()["state"] in status.TERMINAL_STATES, 240, "the requeued job to finish", details)
     assert state()["state"] == "COMPLETED", details()
 
     assert json.loads((run_dir / "slurm" / "requeues.json").read_text()) == {"stage1": 1}
@@ -253,14 +252,14 @@ def test_failed_requeue_is_not_counted_and_other_ranks_wait_for_rank0(slurm_clus
     job_id = "987654"  # never reached by the test cluster's job ids
     run_dir = tmp_path / "run"
     (run_dir / "slurm" / job_id).mkdir(parents=True)  # submitit's job folder, as sbatch found it
-    spec = slurm_jobs.StageSpec(stage="stage1", config=str(CONFIG), overrides=(), run_dir=str(run_dir),
+    spec = slurm_job.StageSpec(stage="stage1", config=str(CONFIG), overrides=(), run_dir=str(run_dir),
                                 cwd=str(REPO), max_requeues=1, timeout_min=10)
     job_env = {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(run_dir / "slurm" / "%j"),
                "SLURM_JOB_ID": job_id, "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1"}
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from launchers import slurm_jobs as s; "
-            f"s.StageTask(s.StageSpec(**{spec.__dict__!r}))._requeue_after_checkpoint(1)")
+    code = ("from launchers import slurm_job as s; "
+            f"s.SlurmStageJob(s.StageSpec(**{spec.__dict__!r}))._requeue_after_checkpoint(1)")
     env = {k: v for k, v in os.environ.items() if k != "SLURM_RESTART_COUNT"}
-    rank1 = subprocess.Popen([sys.executable, "-c", code, str(REPO)], env={**env, **job_env, "SLURM_PROCID": "1"},
+    rank1 = subprocess.Popen([sys.executable, "-c", code], env={**env, **job_env, "SLURM_PROCID": "1"},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = rank1.stdout.readline()
@@ -272,9 +271,9 @@ def test_failed_requeue_is_not_counted_and_other_ranks_wait_for_rank0(slurm_clus
         for key, value in {**job_env, "SLURM_PROCID": "0"}.items():
             monkeypatch.setenv(key, value)
         with pytest.raises(SystemExit) as exit_:
-            slurm_jobs.StageTask(spec)._requeue_after_checkpoint(0)
-        assert exit_.value.code == slurm_jobs.REQUEUE_EXIT_CODE
-        assert rank1.wait(timeout=30) == slurm_jobs.REQUEUE_EXIT_CODE
+            slurm_job.SlurmStageJob(spec)._requeue_after_checkpoint(0)
+        assert exit_.value.code == slurm_job.REQUEUE_EXIT_CODE
+        assert rank1.wait(timeout=30) == slurm_job.REQUEUE_EXIT_CODE
     finally:
         if rank1.poll() is None:
             rank1.kill()

@@ -16,7 +16,8 @@ from PIL import Image
 
 from lacvit_dist.data import make_shards
 from lacvit_dist.data.shards import INFO_FILE, load_info
-from lacvit_dist.data.sources import SourceError, cifar, cub, encode_file, flowers, pets
+from lacvit_dist.data.encoding import encode_file
+from lacvit_dist.data.sources import cifar, cub, flowers, pets, SourceError
 
 
 # ----------------------------------------------------------------------------------------------

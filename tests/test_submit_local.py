@@ -3,7 +3,6 @@ one (issue 13 item 6): every task's result is collected, both stages complete in
 live in `<run>/slurm/<job id>/`, and no literal `%j` folder is left."""
 import json
 import subprocess
-import sys
 
 from conftest import REPO
 from lacvit_dist.data.shards import load_info

@@ -19,7 +19,7 @@ from lacvit_dist.cli import main
 from lacvit_dist.data.pipeline import eval_loader
 from lacvit_dist.data.shards import load_info
 from lacvit_dist.data.transforms import evaluation
-from lacvit_dist.models import create_backbone, image_stats
+from lacvit_dist.models.factory import image_stats
 from lacvit_dist.config import load_config
 
 BIN = Path(sys.executable).parent
@@ -133,7 +133,7 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
 
 
 def test_evaluate_tool_reproduces_training_metrics(digits_root, deepspeed_run, tmp_path, capsys):
-    from lacvit_dist.offline_eval import main as evaluate
+    from lacvit_dist.evaluation.offline import main as evaluate
 
     classifier = deepspeed_run / "stage2" / "classifier.safetensors"
     assert evaluate([str(classifier), "--data", str(digits_root), "--embeddings", "--workers", "0",

@@ -3,11 +3,11 @@
 For each global batch of N views and a world of W ranks, on ONE process (no collectives; they are a
 separate, O(N x dim) cost):
 
-* local rows: what one rank computes in lacvit_dist.losses: its N/W anchor rows x the N gathered columns;
+* local rows: what one rank computes in lacvit_dist.train.losses: its N/W anchor rows x the N gathered columns;
 * full matrix: the N x N matrix (what a single process, or a naive "gather then compute everything"
   implementation, holds).
 
-Both run forward + backward through ``lacvit_dist.losses.supcon_rows`` in fp32 with random normalised
+Both run forward + backward through ``lacvit_dist.train.losses.supcon_rows`` in fp32 with random normalised
 projections and 2 views per image. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the
 baseline; on CPU the process RSS sampled every millisecond by a thread (peak minus the RSS before the run;
 ``malloc_trim`` first so freed heap does not hide it), next to the analytic size of the largest single
@@ -21,16 +21,13 @@ import argparse
 import ctypes
 import gc
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lacvit_dist.losses import supcon_rows  # noqa: E402
+from lacvit_dist.train.losses import supcon_rows
 
 try:
     from tqdm import tqdm

@@ -1,5 +1,5 @@
-"""Evaluate an exported classifier or stage-1 backbone on any split (see lacvit_dist/offline_eval.py)."""
-from lacvit_dist.offline_eval import main
+"""Evaluate an exported classifier or stage-1 backbone on any split (`lacvit-evaluate`; see lacvit_dist/evaluation/offline.py)."""
+from lacvit_dist.evaluation.offline import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

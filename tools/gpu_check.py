@@ -4,8 +4,8 @@
     python tools/gpu_check.py --parts-dir D --report OUT_DIR
 
 Each part writes D/<part>.json: {"status": ok | failed | skipped, "error", "figures"}. The figures come from
-the project's own benchmarks (lacvit_dist.bench: the full stage-1 step through the DeepSpeed engine, FLOPs
-counted; lacvit_dist.bench_loader: the real training stream), never from a second benchmark loop.
+the project's own benchmarks (tools.bench_train: the full stage-1 step through the DeepSpeed engine, FLOPs
+counted; tools.bench_loader: the real training stream), never from a second benchmark loop.
 --dry-run: the same code on the CPU with the same presets shrunk to a tiny ViT, one or two steps, aot_eager
 instead of inductor; tests/test_gpu_check.py runs it so that a typo cannot waste device time.
 """
@@ -22,7 +22,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODELS = ("vit_b16", "vit_l16", "vit_h14")
 # Micro-batches (images per GPU, 2 views each) tried for the best throughput; ZeRO / bf16 as in the presets.
@@ -76,8 +75,8 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def bench(plan: Plan, model: str, batch: int, extra: list[str] | None = None, **kw) -> dict[str, Any]:
-    """One lacvit_dist.bench run (the stage-1 step through the engine) in this process's process group."""
-    from lacvit_dist import bench as B
+    """One tools.bench_train run (the stage-1 step through the engine) in this process's process group."""
+    from tools import bench_train as B
 
     try:
         return B.run(B.parse_args(plan.bench_args(model, batch, list(extra or []), **kw)))
@@ -161,7 +160,7 @@ def part_loss_share(plan: Plan, done: dict) -> dict[str, Any]:
     cost on N GPUs is not in this figure."""
     import torch
 
-    from lacvit_dist.losses import SupConLoss
+    from lacvit_dist.train.losses import SupConLoss
 
     out = {}
     for model in MODELS:
@@ -194,7 +193,7 @@ def part_loss_share(plan: Plan, done: dict) -> dict[str, Any]:
 def part_loader(plan: Plan, done: dict) -> dict[str, Any]:
     """The real training stream at 224 px with one worker per core (digits shards, PNG, upscaled), against
     the images/s each model's best step consumes."""
-    from lacvit_dist import bench_loader as L
+    from tools import bench_loader as L
 
     workers = 1 if plan.dry_run else (os.cpu_count() or 1)
     args = ["--img-size", str(plan.loader_img), "--workers", str(workers), "--batch", "8" if plan.dry_run else "256",

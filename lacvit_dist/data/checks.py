@@ -13,8 +13,8 @@ from typing import Iterable
 
 import torch.distributed as dist
 
-from ..config import Config
-from .shards import PIPE_PREFIX, DatasetInfo
+from lacvit_dist.config import Config
+from lacvit_dist.data.shards import PIPE_PREFIX, DatasetInfo
 
 BLOCK = 512  # tar block; a tar ends with zero blocks (end-of-archive marker)
 SHOWN = 10  # problems listed in an error

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from lacvit_dist.data.shards import DatasetInfo, DatasetInfoError, Sample, write_dataset
-from lacvit_dist.data.sources import (
-    JPEG_QUALITY, SOURCES, Source, SourceError, encode_many, encode_payload, stratified_split,
-)
+from lacvit_dist.data.encoding import encode_many, encode_payload, JPEG_QUALITY
+from lacvit_dist.data.sources import Source, SourceError, SOURCES
+from lacvit_dist.data.splits import stratified_split
 
 PROG = "lacvit-make-shards"
 SPLIT_ORDER = ("train", "val", "test")

@@ -35,7 +35,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
-from .shards import SplitInfo
+from lacvit_dist.data.shards import SplitInfo
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 EPOCH_MODES = ("resampled", "finite")

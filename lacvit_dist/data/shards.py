@@ -38,6 +38,8 @@ from typing import Any, Iterator, NamedTuple
 
 from tqdm import tqdm
 
+from lacvit_dist.io import fsync_tree
+
 INFO_FILE = "_info.json"
 PIPE_PREFIX = "pipe:"
 INFO_VERSION = 1
@@ -262,7 +264,7 @@ def write_dataset(
             split_meta[split] = _write_split(staging, split, samples, len(class_names), samples_per_shard,
                                              image_ext, progress, name, max_shard_size)
         _write_info(staging, name, class_names, image_ext, split_meta, notes)
-        _fsync_folder(staging)
+        fsync_tree(staging)
         _swap_in(staging, root_path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -409,18 +411,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, another user's
     return True
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush every file and the folder itself, so the swapped-in set survives a power loss."""
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_split(root: Path, split: str, samples: Iterable[tuple[bytes, int]], num_classes: int,

@@ -1,4 +1,4 @@
-"""Sample sources for shard writing, a stratified split, and image encoding helpers.
+"""Sample sources for shard writing: the labelled image sets `lacvit-make-shards` reads.
 
 Sources (all read local files; nothing downloads):
 
@@ -13,11 +13,10 @@ Sources (all read local files; nothing downloads):
 Every source is a :class:`Source`: class names, one int64 label per item, the official split (item
 indices per split, or None) and ``payload(i)``, which returns the item's image lazily as a file path
 (str) or a small uint8 array. Payloads are cheap to pickle, so worker processes can encode them;
-:func:`encode_payload` turns one into shard bytes (PNG / JPEG / WebP, optional downscale).
+`lacvit_dist.data.encoding.encode_payload` turns one into shard bytes.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
@@ -25,23 +24,13 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from lacvit_dist.data.encoding import Payload
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-# PIL's format name for each shard image extension, and what PIL reports for files already in it.
-_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
-# Modes each format stores without conversion; anything else (P, RGBA, CMYK, I;16, ...) becomes RGB
-# because every reader converts to RGB anyway and JPEG cannot hold most of them. Grey (L) stays
-# grey in PNG and JPEG: a third of the bytes, and no re-compression of grey JPEG files.
-_KEEP_MODES = {"png": ("L", "RGB"), "jpg": ("L", "RGB"), "webp": ("RGB",)}
-JPEG_QUALITY = 95
-# What a source hands out per item: a loadable file path, or a uint8 [H, W] / [H, W, 3] array.
-Payload = Union[str, os.PathLike, np.ndarray, bytes]
-
-
 class SourceError(ValueError):
     """A source's files are missing or malformed; the message names the file (and line)."""
 
@@ -457,171 +446,3 @@ SOURCES: dict[str, Callable[..., Source]] = {
     "cifar10": lambda root, name=None: cifar(root, "cifar10", name),
     "cifar100": lambda root, name=None: cifar(root, "cifar100", name),
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Stratified split
-# ----------------------------------------------------------------------------------------------
-
-def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
-    """Split sample indices into named parts, each class in the given proportions.
-
-    Guarantees: every index is in exactly one split; for every class c and split s the count is
-    floor or ceil of n_c * f_s (within one sample of exact); deterministic for a given seed.
-    Splits are apportioned per class in one pass (rather than chaining sklearn's train_test_split,
-    whose second rounding compounds the first); each class's leftover samples go to the splits
-    furthest behind their overall target, so split totals also track N * f_s closely.
-    Indices within a split come in a seeded random order so that consecutive shards mix classes.
-    """
-    labels = np.asarray(labels)
-    _check_fractions(fractions)
-    if labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
-    names = list(fractions)
-    frac = np.array([fractions[n] for n in names], dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[] for _ in names]
-    deficit = np.zeros(len(names))  # expected minus assigned so far, per split
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        counts = _apportion(len(members), frac, deficit)
-        deficit += len(members) * frac - counts
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        for i in range(len(names)):
-            parts[i].append(members[bounds[i]:bounds[i + 1]])
-    return {name: rng.permutation(np.concatenate(p)).astype(np.int64) for name, p in zip(names, parts)}
-
-
-def _check_fractions(fractions: dict[str, float]) -> None:
-    if not fractions:
-        raise ValueError("no split fractions given")
-    bad = {k: v for k, v in fractions.items() if not (isinstance(v, (int, float)) and 0 < v <= 1)}
-    if bad:
-        raise ValueError(f"split fractions must be in (0, 1], got {bad}")
-    total = sum(fractions.values())
-    if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must sum to 1, got {total:.6g} ({fractions})")
-
-
-def _apportion(n: int, frac: np.ndarray, deficit: np.ndarray) -> np.ndarray:
-    """Counts per split summing to n, each floor or ceil of n * frac; the leftover units go to
-    the splits with the largest (own remainder + running deficit), ties to the earlier split."""
-    exact = n * frac
-    counts = np.floor(exact + 1e-9).astype(np.int64)
-    leftover = n - int(counts.sum())
-    if leftover > 0:
-        priority = (exact - counts) + deficit
-        order = np.argsort(-priority, kind="stable")
-        counts[order[:leftover]] += 1
-    return counts
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoding
-# ----------------------------------------------------------------------------------------------
-
-def encode_image(image: Image.Image, fmt: str = "png", quality: int = JPEG_QUALITY,
-                 max_side: int | None = None) -> bytes:
-    """Encode a PIL image as `fmt` (png, jpg, webp), converting modes the format should not hold;
-    `quality` applies to JPEG; `max_side` downscales so the longer side is at most that many pixels."""
-    fmt = _check_format(fmt)
-    if image.mode not in _KEEP_MODES[fmt]:
-        image = image.convert("RGB")
-    image = _downscale(image, max_side)
-    buf = io.BytesIO()
-    if fmt == "png":
-        image.save(buf, format="PNG", optimize=False)
-    elif fmt == "jpg":
-        image.save(buf, format="JPEG", quality=_check_quality(quality))
-    else:
-        image.save(buf, format="WEBP", lossless=True)
-    return buf.getvalue()
-
-
-def encode_array(array: np.ndarray, fmt: str = "png", quality: int = JPEG_QUALITY,
-                 max_side: int | None = None) -> bytes:
-    """uint8 [H, W] (grey) or [H, W, 3] (RGB) array -> encoded bytes."""
-    array = np.asarray(array)
-    if array.dtype != np.uint8:
-        raise ValueError(f"image array must be uint8, got {array.dtype}")
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise ValueError(f"image array must be [H, W] or [H, W, 3], got shape {array.shape}")
-    # uint8 2-D -> mode L, [H, W, 3] -> RGB
-    return encode_image(Image.fromarray(np.ascontiguousarray(array)), fmt, quality, max_side)
-
-
-def encode_file(path: str | os.PathLike, fmt: str = "png", quality: int = JPEG_QUALITY,
-                max_side: int | None = None) -> bytes:
-    """An image file's bytes in `fmt`: the original bytes when the file already is that format in
-    a mode the format keeps and needs no downscaling (no second JPEG compression), otherwise
-    decoded and re-encoded."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    return encode_bytes(data, fmt, quality, max_side, name=str(path))
-
-
-def encode_bytes(data: bytes, fmt: str = "png", quality: int = JPEG_QUALITY, max_side: int | None = None,
-                 name: str = "<bytes>") -> bytes:
-    """Like :func:`encode_file` for an encoded image already in memory; errors name `name`."""
-    fmt = _check_format(fmt)
-    _check_max_side(max_side)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decode fully: a truncated file fails here, not in a training worker
-            if (image.format == _PIL_FORMAT[fmt] and image.mode in _KEEP_MODES[fmt]
-                    and (max_side is None or max(image.size) <= max_side)):
-                return data
-            return encode_image(image, fmt, quality, max_side)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # unreadable images
-        raise ValueError(f"cannot read image {name}: {exc}") from None
-
-
-def encode_payload(payload: Payload, fmt: str = "png", quality: int = JPEG_QUALITY,
-                   max_side: int | None = None) -> bytes:
-    """A source payload (file path, encoded bytes or uint8 array) -> shard image bytes."""
-    if isinstance(payload, np.ndarray):
-        return encode_array(payload, fmt, quality, max_side)
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        return encode_bytes(bytes(payload), fmt, quality, max_side)
-    return encode_file(payload, fmt, quality, max_side)
-
-
-def encode_many(payloads: Sequence[Payload], fmt: str = "png", quality: int = JPEG_QUALITY,
-                max_side: int | None = None) -> list[bytes]:
-    """:func:`encode_payload` over a batch (one task of a worker pool)."""
-    return [encode_payload(p, fmt, quality, max_side) for p in payloads]
-
-
-def _downscale(image: Image.Image, max_side: int | None) -> Image.Image:
-    """Shrink so the longer side is `max_side` (aspect ratio kept, sides rounded, at least 1 px);
-    images already small enough are returned unchanged (never upscaled)."""
-    _check_max_side(max_side)
-    width, height = image.size
-    if max_side is None or max(width, height) <= max_side:
-        return image
-    scale = max_side / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if width >= height:
-        size = (max_side, size[1])
-    else:
-        size = (size[0], max_side)
-    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-
-
-def _check_format(fmt: str) -> str:
-    if fmt not in _PIL_FORMAT:
-        raise ValueError(f"image format must be one of {sorted(_PIL_FORMAT)}, got {fmt!r}")
-    return fmt
-
-
-def _check_quality(quality: int) -> int:
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise ValueError(f"JPEG quality must be an integer in [1, 100], got {quality!r}")
-    return quality
-
-
-def _check_max_side(max_side: int | None) -> None:
-    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
-        raise ValueError(f"max_side must be a positive integer or None, got {max_side!r}")

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .shards import DatasetInfo, encoded_samples, load_info, write_dataset
+from lacvit_dist.data.shards import DatasetInfo, encoded_samples, load_info, write_dataset
 
 
 def parse_classes(spec: str, num_classes: int) -> list[int]:

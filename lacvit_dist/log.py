@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 from torch.utils.tensorboard import SummaryWriter
 
-from . import distributed as dist_utils
-from .metrics import pr_curves, pr_histograms
+from lacvit_dist import distributed as dist_utils
+from lacvit_dist.evaluation.metrics import pr_curves, pr_histograms
 
 PR_CURVE_CLASSES = 20  # per-class PR curves: every class up to this many, else this many worst by recall
 
@@ -45,7 +45,7 @@ class TensorBoard:
                 self.writer.add_scalar(f"{self.stage}/{group}/{key}", value, step)
 
     def figure(self, name: str, build, *args: Any, step: int, group: str, **kwargs: Any) -> None:
-        """``build(*args, **kwargs)`` (a :mod:`lacvit_dist.figures` builder) rendered into TensorBoard; the
+        """``build(*args, **kwargs)`` (a :mod:`lacvit_dist.evaluation.figures` builder) rendered into TensorBoard; the
         figure is built only where a writer is, so other ranks pay nothing."""
         if self.writer is not None:
             self.writer.add_figure(f"{self.stage}/{group}/{name}", build(*args, **kwargs), step, close=True)
@@ -55,7 +55,7 @@ class TensorBoard:
         """Confusion matrix, sorted per-class accuracy, the most-confused pairs as text, and PR curves."""
         if self.writer is None:
             return
-        from .figures import confusion_figure, most_confused, per_class_figure  # matplotlib: only when drawing
+        from lacvit_dist.evaluation.figures import confusion_figure, most_confused, per_class_figure  # matplotlib: only when drawing
         self.figure("confusion", confusion_figure, metrics["confusion"], class_names, title=f"{group} confusion",
                     step=step, group=group)
         self.figure("per_class_accuracy", per_class_figure, metrics["per_class_accuracy"], class_names,
@@ -69,7 +69,7 @@ class TensorBoard:
 
     def pr_curves(self, histograms: torch.Tensor, class_names: Sequence[str], recall: Sequence[float],
                   support: Sequence[int], step: int, group: str) -> None:
-        """One-vs-rest PR curves from summed :func:`lacvit_dist.metrics.pr_histograms`: all classes pooled
+        """One-vs-rest PR curves from summed :func:`lacvit_dist.evaluation.metrics.pr_histograms`: all classes pooled
         (micro-average) and per class, every class up to ``PR_CURVE_CLASSES``, beyond that the
         ``PR_CURVE_CLASSES`` worst by recall: 200 charts are not browsable, and the worst classes are the
         ones a researcher opens."""
@@ -93,7 +93,7 @@ class TensorBoard:
         """Stage 1: PCA of the backbone embeddings by class, and the health monitor over training."""
         if self.writer is None:
             return
-        from .figures import embedding_figure, health_figure  # matplotlib: only when drawing
+        from lacvit_dist.evaluation.figures import embedding_figure, health_figure  # matplotlib: only when drawing
         self.figure("embeddings_pca", embedding_figure, embeddings["backbone"], embeddings["labels"], class_names,
                     title=f"{group} backbone embeddings (PCA)", step=step, group=group)
         self.figure("embedding_health", health_figure, history, title=f"{group} embedding health over training",
@@ -122,7 +122,7 @@ class PRTally:
 
     ``tap(model, batches)`` yields the batches unchanged, queueing each one's labels, while a forward hook
     on ``model`` bins the softmax of every output against the labels of its batch
-    (:func:`lacvit_dist.metrics.pr_histograms`). ``histograms()`` sums them over ranks (a collective)."""
+    (:func:`lacvit_dist.evaluation.metrics.pr_histograms`). ``histograms()`` sums them over ranks (a collective)."""
 
     def __init__(self, num_classes: int, num_thresholds: int = 127):
         self.num_classes, self.num_thresholds = num_classes, num_thresholds
@@ -165,6 +165,12 @@ def _bar(iterable: Iterable, **kwargs: Any) -> Iterator:
     # A generator: the bar appears when the loop starts, not when the loader is built (a kNN bank and its
     # queries are built together but read one after the other).
     yield from tqdm(iterable, **kwargs)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table (console summaries, benchmark and experiment reports)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
 def format_duration(seconds: float) -> str:

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
-from .data import transforms
-from .feature_cache import feature_cache_step
-from .losses import SupConLoss
-from .models import build_classifier, build_contrastive_model, image_stats
-from .resilience import NonFiniteGuard, guarded_backward_step
+from lacvit_dist.config import Config
+from lacvit_dist.data import transforms
+from lacvit_dist.train.feature_cache import feature_cache_step
+from lacvit_dist.train.losses import SupConLoss
+from lacvit_dist.stages import STAGES
+from lacvit_dist.models.factory import build_classifier, build_contrastive_model, image_stats
+from lacvit_dist.train.nonfinite import guarded_backward_step, NonFiniteGuard
 
 VIEWS = 2  # stage 1: two augmented views per image (LACVIT.md)
 
@@ -32,7 +33,7 @@ def to_engine(engine, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.T
             labels.to(engine.device, non_blocking=True))
 
 
-class Task:
+class Objective:
     name: str
     classifies: bool  # evaluated with Top-1/Top-5 on the val/test splits
 
@@ -78,7 +79,7 @@ class Task:
         model.train()
 
 
-class Stage1Contrastive(Task):
+class SupConObjective(Objective):
     """Backbone + projection head trained with the cross-rank label-aware contrastive loss (2 views)."""
     name, classifies = "stage1", False
 
@@ -115,14 +116,14 @@ class Stage1Contrastive(Task):
     def train_step(self, engine, micro_batches, guard):
         if len(micro_batches) == 1 or self.cfg.stage1.accumulation == "plain":
             return super().train_step(engine, micro_batches, guard)
-        # Every anchor contrasted with all k micro-batches x all ranks (lacvit_dist.feature_cache). The k
+        # Every anchor contrasted with all k micro-batches x all ranks (lacvit_dist.train.feature_cache). The k
         # backward passes together give exactly the gradient of the one-big-batch loss, so DeepSpeed must not
         # divide them by k (scale_wrt_gas=False).
         return feature_cache_step(engine, micro_batches, lambda batch: to_engine(engine, batch), self.criterion,
                                   lambda loss: guarded_backward_step(engine, loss, guard, scale_wrt_gas=False))
 
 
-class _Classification(Task):
+class _ClassifierObjective(Objective):
     classifies = True
 
     @property
@@ -138,7 +139,7 @@ class _Classification(Task):
         return loss, {"loss": loss.detach(), "accuracy": (logits.argmax(-1) == labels).float().mean().detach()}
 
 
-class Stage2Linear(_Classification):
+class LinearProbeObjective(_ClassifierObjective):
     """Frozen stage-1 backbone, linear head trained with cross-entropy."""
     name = "stage2"
 
@@ -154,9 +155,21 @@ class Stage2Linear(_Classification):
         model.eval()
 
 
-class BaselineFinetune(_Classification):
+class CEFineTuneObjective(_ClassifierObjective):
     """The baseline to beat: the same pretrained backbone fine-tuned end to end with cross-entropy."""
     name = "baseline"
 
     def build_model(self) -> nn.Module:
         return build_classifier(self.cfg.model, self.num_classes)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"stage1": SupConObjective, "stage2": LinearProbeObjective,
+                                           "baseline": CEFineTuneObjective}  # by lacvit_dist.stages name
+
+
+def build_objective(stage: str, cfg: Config, num_classes: int, backbone_path: str | None = None) -> Objective:
+    """The objective of `stage`; a stage that trains on another's backbone (`Stage.trains_on`) gets its file."""
+    if STAGES[stage].trains_on:
+        return OBJECTIVES[stage](cfg, num_classes, backbone_path)
+    return OBJECTIVES[stage](cfg, num_classes)
+

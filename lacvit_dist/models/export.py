@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 from torch import nn
 
-from .checkpoint import sha256
-from .data.transforms import ImageStats
+from lacvit_dist.io import sha256
+from lacvit_dist.data.transforms import ImageStats
 
 WEIGHTS = "model.safetensors"  # timm's HF_SAFE_WEIGHTS_NAME
 

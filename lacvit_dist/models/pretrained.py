@@ -10,15 +10,19 @@ run with an error naming the tag, the cache folder and that command."""
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub
+import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError
+from torch import nn
 
-from . import distributed as dist_utils
-from .config import ConfigError
+from lacvit_dist import distributed as dist_utils
+from lacvit_dist.config import ConfigError
+from lacvit_dist.models.layouts import _pool_norm, _short, head_parameter_names
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from .config import load_config
+    from lacvit_dist.config import load_config
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("tags", nargs="*", help="timm names with tags, e.g. vit_base_patch16_224.mae")
@@ -153,3 +157,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
+
+
+def load_timm_weights(model: nn.Module, name: str, in_chans: int = 3) -> None:
+    """timm's pretrained weights for `name` (architecture.tag) into `model`, through timm's own loader from the
+    Hugging Face cache (fetched once per node, or an error naming the tag, the cache and the fetch command):
+    timm's checkpoint filter resamples position embeddings to the model's img_size and a classifier of
+    another class count is dropped. Strict: only the model's classifier head may stay unloaded (a
+    checkpoint's final norm initialises fc_norm under global_pool=avg, as for local files)."""
+    from timm.models import load_pretrained
+
+    from lacvit_dist.models.pretrained import ensure_cached
+
+    path = ensure_cached(name)
+    timm_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    renamed: dict[str, str] = {}
+
+    def filter_fn(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        state = timm_filter(state, model) if timm_filter is not None else state
+        _pool_norm(state, set(model.state_dict()), renamed)
+        return state
+
+    result: dict[str, list[str]] = {}
+    # timm loads non-strictly when the class count differs; the hook sees exactly what did not load.
+    hook = model.register_load_state_dict_post_hook(
+        lambda module, keys: result.update(missing=list(keys.missing_keys), unexpected=list(keys.unexpected_keys)))
+    try:
+        load_pretrained(model, num_classes=model.num_classes, in_chans=in_chans, filter_fn=filter_fn, strict=False)
+    finally:
+        hook.remove()
+    head = head_parameter_names(model) if model.num_classes else set()
+    missing = sorted(set(result.get("missing", [])) - head)
+    unexpected = sorted(result.get("unexpected", []))
+    if missing or unexpected:
+        raise ValueError(f"model.name: timm's weights {name} ({path}) do not fit {type(model).__name__} with "
+                         f"this run's model settings: backbone keys not loaded {_short(missing)}, checkpoint keys "
+                         f"with no place {_short(unexpected)}. Refusing to train with backbone weights left random")
+    log.info("model.name %s: timm's pretrained weights loaded from %s%s", name, path,
+             f" (renamed {renamed})" if renamed else "")

@@ -1,140 +1,37 @@
-"""The one training loop: a DeepSpeed engine around a task's model, fed by the WebDataset stream.
+"""The one training loop: a DeepSpeed engine around an objective's model, fed by the WebDataset stream, with
+resume, preemption, non-finite guard, evaluation on whole splits, logging and the stage's export.
 
-Stage 1, stage 2 and the CE baseline all run through `train_stage`; they differ only in the Task.
+Stage 1, stage 2 and the CE baseline all run through `train_stage`; they differ only in the Objective.
 """
 from __future__ import annotations
 
 import gc
-import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import deepspeed
-import timm.optim
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
-from . import distributed as dist_utils
-from .checkpoint import (changed_settings, find_latest_everywhere, gather_rng_states, load_training_checkpoint,
-                         save_state_dict, save_training_checkpoint, set_rng_state, tag_for_step, write_json)
-from .config import (Config, ConfigError, DeepSpeedConfig, StageConfig, check_batch_arithmetic, deep_merge,
-                     to_dict)
-from .data.checks import check_data
-from .data.pipeline import BAD_SAMPLE_KINDS, eval_loader, finite_epoch_plan, train_loader
-from .data.shards import DatasetInfo
-from .data.transforms import evaluation
-from .evaluation import evaluate_classifier, evaluate_embeddings, lockstep, skipped_in_bank
-from .export import export_timm
-from .models import ContrastiveModel, count_parameters, estimate_memory, format_memory_estimate
-from .resilience import REQUEUE_EXIT_CODE, NonFiniteGuard, StopCheck, StopSignal
-from .tasks import VIEWS, Task, engine_dtype
-from .tb import PRTally, TensorBoard, format_duration, log
-
-
-BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+from lacvit_dist import distributed as dist_utils
+from lacvit_dist.io import write_json
+from lacvit_dist.train.checkpoint import find_latest_everywhere, gather_rng_states, load_training_checkpoint, save_state_dict, save_training_checkpoint, set_rng_state, tag_for_step
+from lacvit_dist.train.restart import changed_settings
+from lacvit_dist.config import Config, ConfigError, check_batch_arithmetic, to_dict
+from lacvit_dist.data.pipeline import BAD_SAMPLE_KINDS, eval_loader, finite_epoch_plan, train_loader
+from lacvit_dist.data.shards import DatasetInfo
+from lacvit_dist.data.transforms import evaluation
+from lacvit_dist.evaluation.passes import evaluate_classifier, evaluate_embeddings, lockstep, skipped_in_bank
+from lacvit_dist.models.export import export_timm
+from lacvit_dist.models.factory import ContrastiveModel
+from lacvit_dist.models.memory import count_parameters, estimate_memory, format_memory_estimate
+from lacvit_dist.train.nonfinite import NonFiniteGuard
+from lacvit_dist.train.preemption import REQUEUE_EXIT_CODE, StopCheck, StopSignal
+from lacvit_dist.train.objectives import VIEWS, Objective, engine_dtype
+from lacvit_dist.log import PRTally, TensorBoard, format_duration, log
 
 
-def deepspeed_config(cfg: Config, stage: StageConfig, world_size: int) -> dict[str, Any]:
-    """DeepSpeed's config from ours, with the user's deepspeed.config_file (if any) merged over it."""
-    generated = _generated_deepspeed_config(cfg, stage, world_size)
-    if cfg.deepspeed.config_file is None:
-        return generated
-    path = Path(cfg.deepspeed.config_file)
-    try:
-        user = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"deepspeed.config_file: cannot read {path}: {err}") from None
-    for key in BATCH_KEYS:
-        if key in user and user[key] != generated[key]:
-            raise ConfigError(f"deepspeed.config_file: {path} sets {key}={user[key]}, but the stage's batch "
-                              f"settings give {generated[key]}; set micro_batch_size / grad_accum_steps instead")
-    if "optimizer" in user or "scheduler" in user:
-        raise ConfigError(f"deepspeed.config_file: {path} defines optimizer/scheduler; they come from the "
-                          f"stage's optimizer section (timm's param groups, warmup + cosine)")
-    merged = deep_merge(generated, user)
-    offload = merged.get("zero_optimization", {}).get("offload_optimizer") or {}
-    if offload.get("device", "none") != "none":
-        raise ConfigError(
-            f"deepspeed.config_file: {path} sets zero_optimization.offload_optimizer (device "
-            f"{offload['device']!r}), which DeepSpeed runs only with its own C++ CPU Adam, not with the stage's "
-            f"torch optimizer (timm's parameter groups, SGD or AdamW). Remove offload_optimizer and fit memory "
-            f"with deepspeed.zero_stage=3, model.activation_checkpointing, or a "
-            f"smaller micro_batch_size with more grad_accum_steps (stage1.accumulation=enlarge_contrast keeps "
-            f"the contrast set)")
-    if merged["bf16"].get("enabled") and merged["bf16"].get("check_grad_overflow") is False:
-        raise ConfigError(f"deepspeed.config_file: {path} sets bf16.check_grad_overflow=false; the non-finite "
-                          "step guard relies on DeepSpeed skipping steps with non-finite gradients under bf16")
-    return merged
-
-
-def _generated_deepspeed_config(cfg: Config, stage: StageConfig, world_size: int) -> dict[str, Any]:
-    precision = cfg.deepspeed.precision
-    generated = {
-        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
-        "gradient_accumulation_steps": stage.grad_accum_steps,
-        "train_batch_size": stage.micro_batch_size * stage.grad_accum_steps * world_size,
-        "gradient_clipping": cfg.deepspeed.gradient_clipping,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
-        # Our optimizers are torch's (timm's factory); ZeRO accepts them with this flag.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    if precision == "bf16":
-        generated.update(_bf16_gradient_dtypes(cfg.deepspeed, stage))
-    return generated
-
-
-def _bf16_gradient_dtypes(ds: DeepSpeedConfig, stage: StageConfig) -> dict[str, Any]:
-    """Where bf16 gradients are reduced and summed (config.DeepSpeedConfig.grad_*_dtype). ZeRO-0 can only sum
-    in bf16 (validated at load time when a stage accumulates); with one micro-batch per step nothing is summed."""
-    accumulate_fp32 = ds.grad_accum_dtype == "fp32" and ds.zero_stage >= 1
-    return {"communication_data_type": "fp32" if ds.grad_reduce_dtype == "fp32" else "bf16",
-            "data_types": {"grad_accum_dtype": "fp32" if accumulate_fp32 else "bf16"}}
-
-
-def gradient_dtypes(engine) -> str:
-    """'gradients reduced in X, accumulated in Y' for the start-up summary, read off the running engine."""
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    return (f"gradients reduced in {name[engine.communication_data_type]}, accumulated in "
-            f"{name[engine.get_data_types()[1]]}")
-
-
-def build_optimizer(model: torch.nn.Module, stage: StageConfig, total_steps: int):
-    """timm's optimizer factory (no weight decay on norms, biases, pos-embed, cls token; frozen params left
-    out) and a per-optimizer-step linear warmup + cosine schedule."""
-    opt = stage.optimizer
-    kwargs: dict[str, Any] = {"momentum": opt.momentum} if opt.name == "sgd" else {"betas": tuple(opt.betas)}
-    # timm's "sgd" is Nesterov; the paper's is plain momentum SGD.
-    if opt.name == "adamw" and torch.cuda.is_available():
-        kwargs["fused"] = True  # torch's fused CUDA kernel: no extension to JIT-compile
-    optimizer = timm.optim.create_optimizer_v2(model, opt="momentum" if opt.name == "sgd" else "adamw",
-                                               lr=opt.lr, weight_decay=opt.weight_decay,
-                                               layer_decay=opt.layer_decay, **kwargs)
-    for group in optimizer.param_groups:  # timm's layer-decay scale, which torch's LambdaLR does not know
-        group["lr"] = opt.lr * group.get("lr_scale", 1.0)
-
-    def lr_factor(step: int) -> float:
-        if step < opt.warmup_steps:
-            return (step + 1) / opt.warmup_steps
-        progress = min(1.0, (step - opt.warmup_steps) / max(1, total_steps - opt.warmup_steps))
-        return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return optimizer, LambdaLR(optimizer, lr_factor)
-
-
-def initialize_engine(cfg: Config, stage: StageConfig, model: torch.nn.Module, optimizer, scheduler,
-                      world_size: int):
-    """The DeepSpeed engine around `model`, compiled with torch.compile if deepspeed.compile is set."""
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, stage, world_size), dist_init_required=False)
-    if cfg.deepspeed.compile:
-        engine.compile(backend=cfg.deepspeed.compile_backend)  # in place: state-dict keys are unchanged
-    return engine
+from lacvit_dist.train.engine import build_optimizer, gradient_dtypes, initialize_engine
 
 
 def _full_state_dict(engine, module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -146,17 +43,15 @@ def _full_state_dict(engine, module: torch.nn.Module, zero_stage: int) -> dict[s
     return module.state_dict() if engine.global_rank == 0 else None
 
 
-def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> dict[str, Any]:
-    """Train `task` for its configured epochs, evaluate it honestly, save and export; returns its results."""
+def train_stage(cfg: Config, objective: Objective, info: DatasetInfo, stage_dir: Path) -> dict[str, Any]:
+    """Train `objective` for its configured epochs, evaluate it honestly, save and export; returns its results."""
     started = time.time()
-    stage = cfg.stage(task.name)
+    stage = cfg.stage(objective.name)
     world = dist_utils.world_size()
     rank = dist_utils.rank()
-    for warning in check_data(cfg, info, rank, world):  # every split and shard the run reads, before step 1
-        log.warning("%s: %s", task.name, warning)
     train_split = info.split(cfg.data.train_split)
-    steps_per_epoch = check_batch_arithmetic(task.name, stage, world, train_split.num_samples)
-    class_aware_m = cfg.data.class_aware_m if task.name == "stage1" else 0  # partners matter to the contrast only
+    steps_per_epoch = check_batch_arithmetic(objective.name, stage, world, train_split.num_samples)
+    class_aware_m = cfg.data.class_aware_m if objective.name == "stage1" else 0  # partners matter to the contrast only
     if cfg.data.epoch_mode == "finite":  # the shards define the epoch: the batches every rank gets from them
         steps_per_epoch = finite_epoch_plan(
             train_split, world, cfg.data.num_workers, stage.micro_batch_size, accumulation=stage.grad_accum_steps,
@@ -164,19 +59,19 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     total_steps = steps_per_epoch * stage.epochs
     global_batch = stage.micro_batch_size * stage.grad_accum_steps * world
 
-    optimizer, scheduler = build_optimizer(task.model, stage, total_steps)
-    engine = initialize_engine(cfg, stage, task.model, optimizer, scheduler, world)
+    optimizer, scheduler = build_optimizer(objective.model, stage, total_steps)
+    engine = initialize_engine(cfg, stage, objective.model, optimizer, scheduler, world)
     device = engine.device
     trainable = count_parameters(engine.module, trainable_only=True)
-    terms = task.contrast_terms(stage.micro_batch_size, stage.grad_accum_steps, world)
+    terms = objective.contrast_terms(stage.micro_batch_size, stage.grad_accum_steps, world)
     log.info("%s: world %d, micro batch %d x accum %d -> global batch %d images%s; %d steps/epoch x %d epochs; "
-             "%s, ZeRO %d, %.2fM trainable params, image size %d", task.name, world, stage.micro_batch_size,
+             "%s, ZeRO %d, %.2fM trainable params, image size %d", objective.name, world, stage.micro_batch_size,
              stage.grad_accum_steps, global_batch,
              f", {terms} contrast terms per anchor" if terms is not None else "", steps_per_epoch, stage.epochs,
-             cfg.deepspeed.precision, cfg.deepspeed.zero_stage, trainable / 1e6, task.stats.img_size)
-    log.info("%s: %s", task.name, gradient_dtypes(engine))
-    if task.name == "stage1":  # the full backbone + head train only here; stage 2 trains a linear head
-        log.info("%s: %s", task.name, format_memory_estimate(estimate_memory(
+             cfg.deepspeed.precision, cfg.deepspeed.zero_stage, trainable / 1e6, objective.stats.img_size)
+    log.info("%s: %s", objective.name, gradient_dtypes(engine))
+    if objective.name == "stage1":  # the full backbone + head train only here; stage 2 trains a linear head
+        log.info("%s: %s", objective.name, format_memory_estimate(estimate_memory(
             cfg.model, stage.micro_batch_size, VIEWS, cfg.deepspeed.precision, cfg.deepspeed.zero_stage, world,
             optimizer=stage.optimizer.name, accumulation_steps=stage.grad_accum_steps,
             enlarge_contrast=cfg.stage1.accumulation == "enlarge_contrast")))
@@ -193,7 +88,7 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     if tag is not None:
         state = load_training_checkpoint(engine, ckpt_dir, tag)
         _check_resumable(state, data_position, ckpt_dir / tag)
-        changed = changed_settings(state["config"], cfg, task.name) if "config" in state else []
+        changed = changed_settings(state["config"], cfg, objective.name) if "config" in state else []
         if changed:  # e.g. more epochs: the restored step count and LR schedule would belong to neither config
             raise ConfigError(f"run.name: checkpoint {ckpt_dir / tag} was saved with other settings: "
                               f"{'; '.join(changed)} (saved -> now). Restore them to resume, or start a new run.name")
@@ -201,30 +96,30 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
         bad_before = state.get("bad_samples", bad_before)
         guard.load_state_dict(state["nonfinite"])
         set_rng_state(state["rng"][rank])
-        log.info("%s: resumed from %s at step %d/%d", task.name, ckpt_dir / tag, step, total_steps)
+        log.info("%s: resumed from %s at step %d/%d", objective.name, ckpt_dir / tag, step, total_steps)
 
     def save() -> None:  # collective: every rank writes its share
         client_state = {"step": step, "history": history, "elapsed_s": elapsed_before + time.time() - started,
                         "nonfinite": guard.state_dict(), "rng": gather_rng_states(), "data": data_position,
                         "bad_samples": {k.removeprefix("bad_samples/"): int(v) for k, v in
                                         _bad_sample_totals(bad_per_stream, bad_before).items()},
-                        "stage": task.name, "config": to_dict(cfg)}
+                        "stage": objective.name, "config": to_dict(cfg)}
         save_training_checkpoint(engine, ckpt_dir, step, client_state, keep_last=cfg.run.keep_checkpoints)
 
     # The stream continues exactly where the checkpointed run stopped (same samples, same augmentations).
-    batches = train_loader(train_split, info.num_classes, task.train_transform(), stage.micro_batch_size,
+    batches = train_loader(train_split, info.num_classes, objective.train_transform(), stage.micro_batch_size,
                            seed=cfg.run.seed, num_workers=cfg.data.num_workers,
                            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=step * stage.grad_accum_steps,
                            skip_bad_samples=cfg.data.on_bad_sample == "skip", epoch_mode=cfg.data.epoch_mode,
                            class_aware_m=class_aware_m, accumulation=stage.grad_accum_steps, rank=rank,
                            world_size=world)
     bad_per_stream: dict[int, dict[str, int]] = {}  # latest tally of each data stream since this (re)start
-    tb = TensorBoard(stage_dir / "tb" if rank == 0 and cfg.logging.tensorboard else None, task.name)
-    evaluate = _Evaluator(cfg, task, engine, info, tb)
+    tb = TensorBoard(stage_dir / "tb" if rank == 0 and cfg.logging.tensorboard else None, objective.name)
+    evaluate = _Evaluator(cfg, objective, engine, info, tb)
 
     window_start, window_steps, saved_at = time.time(), 0, step
     running: dict[str, torch.Tensor] = {}
-    task.set_train_mode(engine.module)
+    objective.set_train_mode(engine.module)
     with StopSignal() as stop:
         stop_check = StopCheck(stop, cfg.run.stop_check_every_steps, cfg.run.stop_check_every_s, step, device)
         while step < total_steps:
@@ -234,7 +129,7 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
                 bad_per_stream[batch.bad_samples[0]] = batch.bad_samples[1]
                 micro_batches.append((batch.images, batch.labels))  # moved to the device when used
             skipped_before = guard.skipped
-            metrics = task.train_step(engine, micro_batches, guard)
+            metrics = objective.train_step(engine, micro_batches, guard)
             if guard.skipped == skipped_before:  # a skipped step's metrics are NaN: keep them out of the means
                 # Accumulate on device; read back only when logging (no host sync per step).
                 for key, value in metrics.items():
@@ -252,7 +147,7 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
                 history.append({"step": step, "epoch": epoch, **values})
                 shown = {k: v for k, v in values.items() if not k.startswith("bad_samples/")}
                 shown["bad_samples"] = sum(v for k, v in values.items() if k.startswith("bad_samples/"))
-                log.info("%s epoch %d step %d/%d  %s  images/s/gpu %.4g  eta %s", task.name, epoch, step,
+                log.info("%s epoch %d step %d/%d  %s  images/s/gpu %.4g  eta %s", objective.name, epoch, step,
                          total_steps, "  ".join(f"{k} {v:.4g}" for k, v in shown.items()),
                          values["images_per_s"] / world, format_duration((total_steps - step) * elapsed / window_steps))
                 running, window_start, window_steps = {}, time.time(), 0
@@ -274,11 +169,11 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
                 if saved_at != step:
                     save()
                 log.warning("%s: stop requested (%s); checkpoint at step %d saved, exiting with code %d for a "
-                            "requeue", task.name, stop.received.name if stop.received else "signal on another rank",
+                            "requeue", objective.name, stop.received.name if stop.received else "signal on another rank",
                             step, REQUEUE_EXIT_CODE)
                 raise StopRequested(step)
 
-    results: dict[str, Any] = {"stage": task.name, "steps": step, "epochs": stage.epochs,
+    results: dict[str, Any] = {"stage": objective.name, "steps": step, "epochs": stage.epochs,
                                "global_batch": global_batch, "world_size": world, "contrast_terms": terms,
                                "nonfinite_skipped": guard.skipped, "train_log": history}
     # The model evaluated is the last one: nothing is selected on validation or test data. Stage 1 never
@@ -286,21 +181,21 @@ def train_stage(cfg: Config, task: Task, info: DatasetInfo, stage_dir: Path) -> 
     results["val_split"] = cfg.data.val_split  # null: run without a val split, so no "val" results
     if cfg.data.val_split is not None:
         results["val"] = evaluate(cfg.data.val_split, step, stage.epochs, images=True)
-    if task.classifies:
+    if objective.classifies:
         results["test"] = evaluate(cfg.data.test_split, step, stage.epochs, images=True)
     # Samples the training stream skipped, per kind, over all ranks and restarts (a collective).
     results["bad_samples"] = {k.removeprefix("bad_samples/"): int(v)
                               for k, v in _bad_sample_totals(bad_per_stream, bad_before).items()}
-    tb.hparams(_hparams(cfg, task.name, global_batch, world), {
+    tb.hparams(_hparams(cfg, objective.name, global_batch, world), {
         **{f"val_{k}": v for k, v in results.get("val", {}).items()},
         **{f"test_{k}": v for k, v in results.get("test", {}).items()}})
     if saved_at != step:
         save()
-    results["export"] = str(_export(cfg, task, engine, stage_dir, step, info.class_names))
+    results["export"] = str(_export(cfg, objective, engine, stage_dir, step, info.class_names))
     results["timm_export"] = str(stage_dir / TIMM_EXPORT)
     results["wall_time_s"] = elapsed_before + time.time() - started
     if rank == 0:
-        write_json(results, stage_dir / "results.json")
+        write_json(stage_dir / "results.json", results)
     tb.close()
     dist_utils.barrier()
     del engine, optimizer, batches
@@ -347,12 +242,12 @@ def _check_resumable(state: dict[str, Any], data_position: dict[str, Any], where
 
 
 class _Evaluator:
-    """Evaluates the task on a whole split: classifiers by accuracy, stage 1 by its kNN / health monitor."""
+    """Evaluates the objective on a whole split: classifiers by accuracy, stage 1 by its kNN / health monitor."""
 
-    def __init__(self, cfg: Config, task: Task, engine, info: DatasetInfo, tb: TensorBoard):
-        self.cfg, self.task, self.engine, self.info, self.tb = cfg, task, engine, info, tb
-        self.transform = evaluation(task.stats)
-        self.batch_size = cfg.stage(task.name).micro_batch_size
+    def __init__(self, cfg: Config, objective: Objective, engine, info: DatasetInfo, tb: TensorBoard):
+        self.cfg, self.objective, self.engine, self.info, self.tb = cfg, objective, engine, info, tb
+        self.transform = evaluation(objective.stats)
+        self.batch_size = cfg.stage(objective.name).micro_batch_size
         self.history: list[dict[str, float]] = []  # stage 1's monitor at every evaluation, for its figure
 
     def _loader(self, split_name: str, skip_bad_samples: bool = False):
@@ -362,18 +257,18 @@ class _Evaluator:
                              num_workers=self.cfg.data.num_workers, skip_bad_samples=skip_bad_samples)
         if self.cfg.deepspeed.zero_stage < 3:
             return loader, loader
-        size = self.task.stats.img_size
+        size = self.objective.stats.img_size
         return loader, lockstep(loader, lambda: (torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long), []))
 
     def __call__(self, split_name: str, step: int, epoch: int, images: bool = False) -> dict[str, Any]:
-        engine, task, where = self.engine, self.task, f"split {split_name!r} of {self.info.root}"
+        engine, objective, where = self.engine, self.objective, f"split {split_name!r} of {self.info.root}"
         device, dtype = engine.device, engine_dtype(engine)
-        if task.classifies:
+        if objective.classifies:
             pr = PRTally(self.info.num_classes) if images and self.cfg.logging.tensorboard else None
             batches = self._loader(split_name)[1]
             metrics = evaluate_classifier(engine.module, pr.tap(engine.module, batches) if pr else batches, device,
                                           dtype, self.info.num_classes, self.info.split(split_name).num_samples, where)
-            log.info("%s epoch %d %s top1 %.4f top5 %.4f (%d samples)", task.name, epoch, split_name,
+            log.info("%s epoch %d %s top1 %.4f top5 %.4f (%d samples)", objective.name, epoch, split_name,
                      metrics["top1"], metrics["top5"], metrics["samples"])
             if pr is not None:  # figures on rank 0 only (a no-op elsewhere); the PR counts are summed by all
                 self.tb.classifier_figures(metrics, self.info.class_names, pr.histograms(), step, split_name)
@@ -385,11 +280,11 @@ class _Evaluator:
             bank, bank_batches = self._loader(train.name, skip_bad_samples=self.cfg.data.on_bad_sample == "skip")
             bank_where = f"split {train.name!r} of {self.info.root} (kNN bank)"
             metrics, embeddings = evaluate_embeddings(
-                task.encode(engine.module), bank_batches, self._loader(split_name)[1], device, dtype,
+                objective.encode(engine.module), bank_batches, self._loader(split_name)[1], device, dtype,
                 self.info.num_classes, (None, self.info.split(split_name).num_samples), where, bank_where=bank_where)
             skipped = skipped_in_bank(bank.skipped, metrics["bank_samples"], train.num_samples, bank_where)
             metrics.update({f"bank_bad_samples/{kind}": count for kind, count in skipped.items()})
-            log.info("%s epoch %d %s kNN top1 %.4f, backbone isotropy %.3f, effective rank %.1f", task.name,
+            log.info("%s epoch %d %s kNN top1 %.4f, backbone isotropy %.3f, effective rank %.1f", objective.name,
                      epoch, split_name, metrics["knn_top1"], metrics["backbone/isotropy"],
                      metrics["backbone/effective_rank"])
             self.history.append({"step": step, **metrics})
@@ -398,7 +293,7 @@ class _Evaluator:
                 self.tb.embedding("backbone", sample.cpu(), [self.info.class_names[i] for i in labels], step,
                                   split_name)
                 self.tb.embedding_figures(embeddings, self.info.class_names, self.history, step, split_name)
-        task.set_train_mode(engine.module)
+        objective.set_train_mode(engine.module)
         self.tb.scalars(metrics, step, group=split_name)
         return metrics
 
@@ -406,21 +301,21 @@ class _Evaluator:
 TIMM_EXPORT = "timm"  # <stage>/timm/: config.json + model.safetensors, timm.create_model("local-dir:...")
 
 
-def _export(cfg: Config, task: Task, engine, stage_dir: Path, step: int, class_names: list[str]) -> Path:
+def _export(cfg: Config, objective: Objective, engine, stage_dir: Path, step: int, class_names: list[str]) -> Path:
     """Stage 1: the backbone alone (input of stage 2). Others: the whole timm classifier. Written twice from
     one state dict: <name>.safetensors + <name>.json (what stage 2 and tools/evaluate.py read) and, in timm's
-    own format, <stage>/timm/ (lacvit_dist.export)."""
+    own format, <stage>/timm/ (lacvit_dist.models.export)."""
     module = engine.module.backbone if isinstance(engine.module, ContrastiveModel) else engine.module
-    name = "backbone.safetensors" if task.name == "stage1" else "classifier.safetensors"
+    name = "backbone.safetensors" if objective.name == "stage1" else "classifier.safetensors"
     state = _full_state_dict(engine, module, cfg.deepspeed.zero_stage)
     path = stage_dir / name
     if state is not None:
-        save_state_dict(state, path, {"stage": task.name, "step": step, "model": cfg.model.name,
+        save_state_dict(state, path, {"stage": objective.name, "step": step, "model": cfg.model.name,
                                       "source_checkpoint": str(stage_dir / "checkpoints" / tag_for_step(step)),
-                                      "model_overrides": cfg.model.overrides, "num_classes": task.num_classes,
+                                      "model_overrides": cfg.model.overrides, "num_classes": objective.num_classes,
                                       "global_pool": cfg.model.global_pool, "config": to_dict(cfg)})
-        export_timm(module, state, stage_dir / TIMM_EXPORT, stats=task.stats, class_names=class_names, manifest={
-            "stage": task.name, "step": step, "source_checkpoint": str(stage_dir / "checkpoints" / tag_for_step(step)),
+        export_timm(module, state, stage_dir / TIMM_EXPORT, stats=objective.stats, class_names=class_names, manifest={
+            "stage": objective.name, "step": step, "source_checkpoint": str(stage_dir / "checkpoints" / tag_for_step(step)),
             "config": to_dict(cfg)})
     dist_utils.barrier()
     return path

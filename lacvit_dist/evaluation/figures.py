@@ -16,7 +16,6 @@ arrays and are never modified.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,6 +26,8 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from lacvit_dist.io import atomic_path
 
 __all__ = ["confusion_figure", "most_confused", "per_class_figure", "pca", "embedding_figure",
            "health_figure", "seed_bars_figure", "table_figure", "reproduce_figure", "save_figure",
@@ -151,7 +152,7 @@ def per_class_figure(accuracy: Any, class_names: Sequence[str] | None = None, *,
     """Per-class accuracy, sorted from the worst class, with the mean over the classes present.
 
     Classes with ``support == 0`` (when ``support`` is given, as from
-    :func:`lacvit_dist.metrics.per_class_accuracy`) or a NaN accuracy are left out and counted in the title.
+    :func:`lacvit_dist.evaluation.metrics.per_class_accuracy`) or a NaN accuracy are left out and counted in the title.
     Up to ``MAX_BAR_NAMES`` classes: one named bar each. Beyond: all classes as a sorted profile, and the
     ``WORST_SHOWN`` worst named with their accuracy in a second panel.
     """
@@ -348,20 +349,6 @@ def reproduce_figure(methods: Sequence[tuple[str, Sequence[float]]], health: Map
 def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG, atomically: a temporary file in the destination folder (created if missing)
     moved over ``path``, so a reader never sees half a PNG and a failure leaves an earlier file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a figure is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)

@@ -1,4 +1,4 @@
-"""`tools/evaluate.py`: evaluate any exported stage output on any split of a shard set.
+"""`lacvit-evaluate` (tools/evaluate.py): evaluate any exported stage output on any split of a shard set.
 
 * a classifier (`stage2|baseline/classifier.safetensors`): Top-1/Top-5, loss, per-class accuracy, confusion
   matrix (JSON + PNG images);
@@ -20,15 +20,15 @@ from typing import Any
 import timm
 import torch
 
-from . import distributed as dist_utils
-from .config import ModelConfig
-from .data.pipeline import eval_loader
-from .data.shards import DatasetInfo, load_info
-from .data.transforms import evaluation
-from .evaluation import evaluate_classifier, evaluate_embeddings
-from .figures import confusion_figure, embedding_figure, most_confused, per_class_figure, save_figure
-from .models import create_backbone, image_stats
-from .tb import progress
+from lacvit_dist import distributed as dist_utils
+from lacvit_dist.config import ModelConfig
+from lacvit_dist.data.pipeline import eval_loader
+from lacvit_dist.data.shards import DatasetInfo, load_info
+from lacvit_dist.data.transforms import evaluation
+from lacvit_dist.evaluation.passes import evaluate_classifier, evaluate_embeddings
+from lacvit_dist.evaluation.figures import confusion_figure, embedding_figure, most_confused, per_class_figure, save_figure
+from lacvit_dist.models.factory import create_backbone, image_stats
+from lacvit_dist.log import progress
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_exported(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The timm model described by the manifest beside `path`, with the weights loaded by timm itself; or a
-    timm-format export folder (<stage>/timm, lacvit_dist.export), which timm builds from its config.json."""
+    timm-format export folder (<stage>/timm, lacvit_dist.models.export), which timm builds from its config.json."""
     if path.is_dir():
         model = timm.create_model(f"local-dir:{path}", pretrained=True)
         return model.eval(), json.loads((path / "config.json").read_text())["lacvit"]

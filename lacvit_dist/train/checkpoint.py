@@ -1,7 +1,7 @@
 """Checkpoints and stage outputs.
 
 * Stage outputs written atomically: the stage-1 backbone (safetensors + manifest) for stage 2, and the final
-  classifier in timm's own state-dict layout (`save_state_dict`, `write_json`).
+  classifier in timm's own state-dict layout (`save_state_dict`).
 * Training checkpoints through DeepSpeed's own `engine.save_checkpoint` / `load_checkpoint` (every rank takes
   part, ZeRO partitions included), with crash-safe bookkeeping of our own on top:
 
@@ -14,120 +14,33 @@
   DeepSpeed itself writes `latest` with a plain open('w') at the end of its save (not atomic, and before our
   marker could exist), so we call it with save_latest=False. Our `latest` has DeepSpeed's format (the bare tag),
   so DeepSpeed's tools (zero_to_fp32.py) still find it.
-* Files a user hands us (a stage-1 backbone, pretrained weights) are read with safetensors or
-  torch.load(weights_only=True), never with an unrestricted unpickler (`load_state_dict_file`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import pickle
 import random
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from safetensors.torch import save_file
 
-from .config import Config, deep_merge, to_dict
+from lacvit_dist.distributed import barrier, gather_objects, rank, rank0_decides, world_size
+from lacvit_dist.io import fsync_tree, sha256, write_json, write_safetensors, write_text
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, manifest: dict[str, Any]) -> Path:
     """Write `state` as safetensors and a JSON manifest beside it (with the file's sha256), atomically:
     a crash leaves either the previous files or the complete new ones, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(tmp))
-    _atomic_replace(tmp, path)
-    manifest = {**manifest, "file": path.name, "sha256": sha256(path), "num_tensors": len(state)}
-    manifest_path = path.with_suffix(".json")
-    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    _atomic_replace(tmp, manifest_path)
+    path = write_safetensors(state, path)
+    write_json(path.with_suffix(".json"), {**manifest, "file": path.name, "sha256": sha256(path),
+                                            "num_tensors": len(state)})
     return path
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json(data: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    _atomic_replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The settings that shaped a stage's result (a restart skips a finished stage only if they still hold)
-# ---------------------------------------------------------------------------------------------------------
-
-# Compared for every stage: run.seed and the model, data and deepspeed sections, and the stage's own section,
-# except the keys below, which change how a run executes, logs or checkpoints but not what it computes:
-# activation checkpointing (identical gradients, tests/test_models.py), the communication backend,
-# torch.compile (same graph), permission for pipe: URLs, and the stage's logging interval. Data workers, the
-# shuffle buffer and the evaluation interval do count: the training stream and the RNG stream depend on them.
-_NOT_SHAPING = ("model.activation_checkpointing", "model.checkpoint_offload", "data.allow_pipe_urls",
-                "deepspeed.backend", "deepspeed.compile", "deepspeed.compile_backend")
-_STAGE1_ONLY = ("model.proj_hidden_dim", "model.proj_dim")  # the projection head exists in stage 1 only
-
-
-def flatten_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'model': {'overrides': {'depth': 2}}} -> {'model.overrides.depth': 2}; values JSON-normalised (lists,
-    not tuples), so that a config and one read back from JSON compare equal."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):  # an empty mapping (no model.overrides) adds no key
-            flat.update(flatten_settings(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.loads(json.dumps(value))
-    return flat
-
-
-def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
-    """The settings that shaped `stage`'s result, as dotted keys, from a config dict (`to_dict(cfg)`, or the
-    one recorded in a stage's manifest)."""
-    flat = flatten_settings({key: config.get(key, {}) for key in ("model", "data", "deepspeed", stage)})
-    flat["run.seed"] = config.get("run", {}).get("seed")
-    ignored = _NOT_SHAPING + (f"{stage}.log_every_steps",) + (() if stage == "stage1" else _STAGE1_ONLY)
-    return {key: value for key, value in flat.items() if key not in ignored}
-
-
-def changed_settings(recorded: dict[str, Any], cfg: Config, stage: str) -> list[str]:
-    """The settings that shaped `stage` in a `recorded` config (`to_dict` of the config that ran, read back from
-    a manifest or checkpoint) which `cfg` changes, as 'key: recorded -> now'. A key the recorded config lacks
-    (added to the schema later) counts at its default."""
-    recorded = deep_merge(to_dict(Config()), recorded)
-    return settings_differences(stage_settings(recorded, stage), stage_settings(to_dict(cfg), stage))
-
-
-_UNSET = "(not set)"
-
-
-def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: recorded -> current' for every dotted key whose value differs (or is set on one side only)."""
-    return [f"{key}: {json.dumps(recorded.get(key, _UNSET))} -> {json.dumps(current.get(key, _UNSET))}"
-            for key in sorted(set(recorded) | set(current)) if recorded.get(key, _UNSET) != current.get(key, _UNSET)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,50 +81,6 @@ def complete_tags(ckpt_dir: str | Path) -> list[str]:
     tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and step_of_tag(p.name) is not None
             and is_complete(ckpt_dir, p.name)]
     return sorted(tags, key=step_of_tag)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file DeepSpeed wrote (it closes them but does not fsync) before the marker vouches for them."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            try:
-                with open(os.path.join(dirpath, name), "rb") as f:
-                    os.fsync(f.fileno())
-            except OSError:
-                pass
-        _fsync_dir(Path(dirpath))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _read_latest(ckpt_dir: Path) -> str | None:
@@ -270,31 +139,31 @@ def save_training_checkpoint(engine, ckpt_dir: str | Path, step: int, client_sta
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for_step(step)
     tag_dir = ckpt_dir / tag
-    if _rank() == 0:
+    if rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():
             log.warning("checkpoint %s exists (%s); it is replaced", tag_dir,
                         "complete" if is_complete(ckpt_dir, tag) else "incomplete, from a crashed save")
             _remove_tag(tag_dir)
-    _barrier()
+    barrier()
     started = time.time()
     ok = engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     if ok is False:
         raise CheckpointError(f"DeepSpeed reported a failed save of {tag_dir}")
-    _barrier()  # every rank's files are written (DeepSpeed's own save also ends in a barrier)
-    if _rank() == 0:
-        _fsync_tree(tag_dir)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    barrier()  # every rank's files are written (DeepSpeed's own save also ends in a barrier)
+    if rank() == 0:
+        fsync_tree(tag_dir)
+        world = world_size()
         marker = {"tag": tag, "step": step, "world_size": world, "saved_at": time.time(),
                   "save_seconds": round(time.time() - started, 3),
                   "zero_stage": int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage")
                   else None}
-        _write_text_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker, indent=2, sort_keys=True))
-        _write_text_atomic(ckpt_dir / LATEST, tag + "\n")
+        write_json(tag_dir / COMPLETE_MARKER, marker)
+        write_text(ckpt_dir / LATEST, tag + "\n")
         deleted = prune_checkpoints(ckpt_dir, keep_last, protect=(tag,))
         log.info("saved checkpoint %s in %.1f s%s", tag_dir, time.time() - started,
                  f"; removed {deleted}" if deleted else "")
-    _barrier()
+    barrier()
     return tag_dir
 
 
@@ -324,42 +193,6 @@ def find_latest_everywhere(ckpt_dir: str | Path) -> str | None:
     return rank0_decides(lambda: find_latest(ckpt_dir))
 
 
-T = TypeVar("T")
-
-
-def _picklable(exc: Exception) -> Exception:
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:  # noqa: BLE001 - sent as text instead
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-
-
-def rank0_decides(decide: Callable[[], T]) -> T:
-    """Run `decide()` on rank 0 only and hand its result, or the exception it raised, to every rank.
-
-    For decisions every rank must take alike (stage finished? backbone present? which checkpoint?): ranks that
-    each read a shared file system can see different things for a while (NFS attribute caches, a file written
-    a moment ago), and ranks that take different branches deadlock in their next collective. A collective:
-    every rank must call it; every rank raises if `decide` raised."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return decide()
-    box: list[Any] = [None]
-    error: Exception | None = None
-    if _rank() == 0:
-        try:
-            box = [("ok", decide())]
-        except Exception as exc:  # noqa: BLE001 - every rank raises it below, not only rank 0
-            error, box = exc, [("error", _picklable(exc))]
-    dist.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    status, value = box[0]
-    if status == "error":
-        raise value
-    return value
-
-
 def load_training_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
     """Restore module, optimizer (incl. ZeRO partitions) and LR scheduler from `ckpt_dir/tag` on every rank;
     returns the client_state saved with it. Raises CheckpointError naming the folder if anything fails.
@@ -374,7 +207,7 @@ def load_training_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> dict[str
         problem = f"is incomplete (no {COMPLETE_MARKER}: its save did not finish)"
     # Every rank reads its own files, but all stop together if any rank cannot: one rank failing alone would
     # leave the others waiting in DeepSpeed's collectives until the process-group timeout.
-    problems = _gather_objects(problem)
+    problems = gather_objects(problem)
     if any(problems):
         where = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
         raise CheckpointError(f"checkpoint folder {tag_dir} cannot be resumed from ({where})")
@@ -411,64 +244,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    """`obj` of every rank, in rank order, on every rank (a collective; [obj] in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's `rng_state()`, in rank order, on every rank (a collective). DeepSpeed saves client_state
     only once (data-parallel rank 0), so per-rank streams must travel as this list; restore with
     `set_rng_state(states[rank])`."""
-    return _gather_objects(rng_state())
+    return gather_objects(rng_state())
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Weights handed to us by a user
-# ---------------------------------------------------------------------------------------------------------
-
-_WRAPPER_KEYS = ("state_dict", "model", "module")
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors or .pt/.pth/.bin, safely (torch.load with weights_only=True).
-
-    A top-level "state_dict", "model" or "module" entry (common trainer layouts) is unwrapped. Errors name
-    the file: missing file, unknown suffix, a pickle that weights_only refuses (arbitrary objects), or
-    content that is not a mapping of names to tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if suffix not in (".pt", ".pth", ".bin", ".ckpt"):
-        raise ValueError(f"{path}: unsupported weights format {suffix!r} (use .safetensors, .pt, .pth or .bin)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path} holds objects other than tensors and plain containers, which are not loaded "
-                         "(torch.load weights_only=True refused it, as it could run code). Re-save the weights "
-                         "with torch.save(model.state_dict(), ...) or as .safetensors. Detail: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{path} could not be read by torch.load: {type(exc).__name__}: {exc}") from exc
-    for key in _WRAPPER_KEYS:
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"{path}: entries that are not tensors: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
-    return obj

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as dist_utils
-from .metrics import confusion_matrix, embedding_health, knn_correct, per_class_accuracy, topk_correct
+from lacvit_dist import distributed as dist_utils
+from lacvit_dist.evaluation.metrics import confusion_matrix, embedding_health, knn_correct, per_class_accuracy, topk_correct
 
 
 def lockstep(batches: Iterable, empty: Callable[[], tuple]) -> Iterator:

@@ -1,0 +1,226 @@
+"""The callable submitit runs in every task of a stage's job, and the requeue protocol around it.
+
+Inside a job every task calls `lacvit_dist.cli.main(["--config", ..., "--stages", <stage>, overrides...])`, the same
+entry as `train.py`, after exporting its rank, world size and master (from SLURM's variables through
+`lacvit_dist.distributed.detect_world`; on a single node the master is 127.0.0.1, so nothing depends on the
+host name resolving).
+
+Requeue: SLURM sends SIGUSR1 `--signal-delay-s` seconds before the time limit (`--signal=USR1@120`; submitit is
+told to use USR1 too, so the signal never kills a process before the trainer has installed its handler). The
+trainer sets a flag, all ranks agree at a step boundary, save one checkpoint and leave with `REQUEUE_EXIT_CODE`
+(75). Rank 0 then writes the resubmission (the same task: the run folder is the only state, nothing about the
+checkpoint is frozen in the pickle) where submitit's job reads its task, and runs `scontrol requeue`; the other
+ranks wait for it (`<run>/slurm/<job id>/requeue_<restart>.json`) so that no early exit ends the step before the
+requeue. The restarted job resumes the unfinished stage from its latest checkpoint. Successful requeues are
+counted per stage in `<run>/slurm/requeues.json`, against `--max-requeues`; a failing `scontrol requeue` (SLURM
+already requeueing a preempted job) is logged, not counted. A job signalled before training started is requeued
+by submitit's own handler, which calls `checkpoint()` (counted there).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lacvit_dist.io import read_json, write_json
+from lacvit_dist.train.preemption import REQUEUE_EXIT_CODE
+
+REQUEUES_FILE = "requeues.json"
+PREEMPT_SIGNAL = "USR1"
+RANK0_REQUEUE_WAIT_S = 90.0  # rank 0's `scontrol requeue` has 60 s
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything one stage's job needs; plain data, so the pickle stays valid across code edits."""
+    stage: str
+    config: str                  # absolute path
+    overrides: tuple[str, ...]   # includes run.output_dir=<abs> and run.name=<name>
+    run_dir: str                 # absolute
+    cwd: str                     # the submission's working directory (relative paths in the config)
+    max_requeues: int
+    timeout_min: int
+
+
+class SlurmStageJob:
+    """The callable submitit runs in every task of a stage's job (`__call__`), and its requeue hook
+    (`checkpoint`). Picklable: it holds a StageSpec and nothing else."""
+
+    def __init__(self, spec: StageSpec) -> None:
+        self.spec = spec
+
+    # ------------------------------------------------------------------------------------------ running
+    def __call__(self) -> dict[str, Any]:
+        spec = self.spec
+        os.chdir(spec.cwd)
+        world = _export_world()
+        from lacvit_dist.cli import main  # after the environment is set (thread count, rank variables)
+
+        argv = ["--config", spec.config, *spec.overrides, "--stages", spec.stage]  # --stages last: it takes 1+
+        print(f"[lacvit launcher] {spec.stage}: rank {world['RANK']}/{world['WORLD_SIZE']} master "
+              f"{world['MASTER_ADDR']}:{world['MASTER_PORT']}; train.py {shlex.join(argv)}", flush=True)
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # the trainer may leave with sys.exit(75)
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        if code == 0:
+            results = read_json(Path(spec.run_dir) / spec.stage / "results.json", {})
+            return {"stage": spec.stage, "steps": results.get("steps"), "test": results.get("test", {}).get("top1")}
+        if code == REQUEUE_EXIT_CODE:
+            self._requeue_after_checkpoint(int(world["RANK"]))
+        raise RuntimeError(f"train.py --stages {spec.stage} exited with code {code} (rank {world['RANK']}); "
+                           f"logs in {_job_folder(spec.run_dir)}")
+
+    def _requeue_after_checkpoint(self, rank: int) -> None:
+        """The trainer saved a checkpoint on every rank and asked for a requeue (exit code 75).
+
+        Rank 0 requeues the whole job; the other ranks wait until it has tried (a marker file in the job's log
+        folder), because a task that exits early can make SLURM end the step, rank 0 with it, before the requeue.
+        A failed `scontrol requeue` (e.g. SLURM already requeues the preempted job) is logged, not counted against
+        --max-requeues, and the task still leaves with 75."""
+        import submitit
+
+        env = submitit.JobEnvironment()
+        marker = _job_folder(self.spec.run_dir) / f"requeue_{os.environ.get('SLURM_RESTART_COUNT', '0')}.json"
+        if rank != 0:
+            _wait_for_rank0(marker, rank)
+            raise SystemExit(REQUEUE_EXIT_CODE)
+        try:
+            outcome = self._requeue_job(env)
+        except BaseException as err:  # the others must not wait for nothing
+            write_json(marker, {"requeued": False, "reason": f"rank 0: {err}"})
+            raise
+        write_json(marker, outcome)
+        print(f"[lacvit launcher] {self.spec.stage}: {outcome['reason']}", flush=True)
+        raise SystemExit(REQUEUE_EXIT_CODE)
+
+    def _requeue_job(self, env) -> dict[str, Any]:
+        """Rank 0: resubmission pickle + `scontrol requeue`; returns {"requeued": bool, "reason": str}."""
+        import submitit
+
+        resume = f"the run is resumable: resubmit with --run-name {Path(self.spec.run_dir).name}"
+        if env.cluster != "slurm":
+            raise RuntimeError(f"{self.spec.stage} saved a checkpoint to stop, but the {env.cluster} executor "
+                               f"cannot requeue; {resume}")
+        done = read_json(self._requeues_path(), {}).get(self.spec.stage, 0)
+        if done >= self.spec.max_requeues:
+            raise RuntimeError(f"{self.spec.stage}: requeue limit ({self.spec.max_requeues}) reached; {resume}")
+        delayed = submitit.helpers.DelayedSubmission(type(self)(self.spec))
+        delayed.set_timeout(self.spec.timeout_min, self.spec.max_requeues)
+        pickle_path = Path(env.paths.submitted_pickle)
+        tmp = pickle_path.with_name(pickle_path.name + ".requeue.tmp")
+        delayed.dump(tmp)
+        os.replace(tmp, pickle_path)
+        try:
+            proc = subprocess.run(["scontrol", "requeue", str(env.job_id)], capture_output=True, text=True,
+                                  timeout=60)
+            error = "" if proc.returncode == 0 else (proc.stderr.strip() or f"exit code {proc.returncode}")
+        except (OSError, subprocess.TimeoutExpired) as err:
+            error = str(err)
+        if error:
+            return {"requeued": False, "reason": f"checkpoint saved; `scontrol requeue {env.job_id}` failed "
+                    f"({error}), not counted against --max-requeues (SLURM may be requeueing "
+                    f"the job itself, e.g. on preemption); otherwise {resume}"}
+        self._add_requeue()
+        return {"requeued": True, "reason": f"checkpoint saved, job {env.job_id} requeued"}
+
+    # ------------------------------------------------------------------------------------------ submitit hook
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit's requeue hook (a job signalled before training started): the same task again (it resumes
+        from the run folder), or None past the limit. submitit requeues right after, so the requeue counts here."""
+        import submitit
+
+        count = self._add_requeue()
+        if count > self.spec.max_requeues:
+            print(f"[lacvit launcher] {self.spec.stage}: not requeued, {count - 1} requeues "
+                  f"already (--max-requeues {self.spec.max_requeues})", flush=True)
+            return None
+        return submitit.helpers.DelayedSubmission(type(self)(self.spec))
+
+    def _requeues_path(self) -> Path:
+        return Path(self.spec.run_dir) / "slurm" / REQUEUES_FILE
+
+    def _add_requeue(self) -> int:
+        """Count one requeue of this stage in <run>/slurm/requeues.json; returns the new count."""
+        path = self._requeues_path()
+        counts = read_json(path, {})
+        counts[self.spec.stage] = int(counts.get(self.spec.stage, 0)) + 1
+        write_json(path, counts)
+        return counts[self.spec.stage]
+
+    def __repr__(self) -> str:
+        return f"SlurmStageJob({self.spec.stage}, run_dir={self.spec.run_dir})"
+
+
+def _job_folder(run_dir: str) -> Path:
+    """This job's submitit folder, <run>/slurm/<job id> (the debug executor sets no SUBMITIT_FOLDER)."""
+    import submitit
+
+    env = submitit.JobEnvironment()
+    return Path(env.paths.folder) if "SUBMITIT_FOLDER" in os.environ else Path(run_dir) / "slurm" / str(env.job_id)
+
+
+def _wait_for_rank0(marker: Path, rank: int, timeout_s: float = RANK0_REQUEUE_WAIT_S) -> None:
+    """A non-zero rank after the checkpoint-and-stop: stay alive until rank 0 has tried to requeue the job."""
+    print(f"[lacvit launcher] rank {rank}: checkpoint saved, waiting for rank 0 to requeue the job", flush=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        outcome = read_json(marker, None)
+        if outcome is not None:
+            print(f"[lacvit launcher] rank {rank}: rank 0 is done: {outcome.get('reason')}", flush=True)
+            return
+        time.sleep(0.5)
+    print(f"[lacvit launcher] rank {rank}: no word from rank 0 after {timeout_s:.0f} s ({marker} missing); "
+          f"leaving anyway", flush=True)
+
+
+def _export_world() -> dict[str, str]:
+    """Export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for this task, so that lacvit_dist.cli's
+    detect_world takes them as they are (its "env" branch).
+
+    Under SLURM they are computed by detect_world itself from the SLURM variables (after dropping any
+    RANK & co. that leaked in from the submitting shell, since sbatch exports its environment), with the
+    master replaced by 127.0.0.1 when the job has one node. submitit's local executor sets no SLURM
+    variables; its JobEnvironment gives the ranks there.
+    """
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    if "OMP_NUM_THREADS" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["SLURM_CPUS_PER_TASK"]
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.cluster == "slurm":
+        from lacvit_dist.distributed import detect_world
+
+        world = detect_world()
+        nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+        master = "127.0.0.1" if nodes == 1 else world.master_addr
+        if nodes > 1:
+            import socket
+
+            try:
+                socket.getaddrinfo(master, world.master_port)
+            except OSError as err:
+                raise RuntimeError(f"master host {master!r} (first node of {os.environ.get('SLURM_JOB_NODELIST')}) "
+                                   f"does not resolve on {socket.gethostname()}: {err}") from None
+        local_size = max(1, world.world_size // max(1, nodes))
+        values = dict(RANK=world.rank, WORLD_SIZE=world.world_size, LOCAL_RANK=world.local_rank,
+                      LOCAL_WORLD_SIZE=local_size, MASTER_ADDR=master, MASTER_PORT=world.master_port)
+    elif env.num_tasks > 1:
+        dist_env = submitit.helpers.TorchDistributedEnvironment()
+        values = dict(RANK=dist_env.rank, WORLD_SIZE=dist_env.world_size, LOCAL_RANK=dist_env.local_rank,
+                      LOCAL_WORLD_SIZE=dist_env.local_world_size, MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=dist_env.master_port)
+    else:
+        from lacvit_dist.distributed import free_port
+
+        values = dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=free_port())
+    values = {k: str(v) for k, v in values.items()}
+    os.environ.update(values)
+    return values
