@@ -6,7 +6,6 @@ import contextlib
 import os
 import pickle
 import socket
-import subprocess
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
@@ -35,22 +34,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as 'gpu[003-005,010]'; scontrol knows every syntax."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
-                             text=True).stdout.split()
-        if out:
-            return out[0]
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    if "[" not in nodelist:
-        return nodelist.split(",")[0]
-    prefix, rest = nodelist.split("[", 1)
-    first = rest.split(",")[0].split("-")[0].rstrip("]")
-    return prefix + first
-
-
 def _require_int(env: Mapping[str, str], key: str) -> int:
     try:
         return int(env[key])
@@ -60,25 +43,61 @@ def _require_int(env: Mapping[str, str], key: str) -> int:
         raise RuntimeError(f"environment variable {key}={env[key]!r} is not an integer") from None
 
 
-def detect_world(env: Mapping[str, str] | None = None) -> WorldInfo:
-    """Read rank and rendezvous from the launcher's environment.
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Every host of a SLURM node list ('a,b[1-3]', 'node[01-03]-ib', 'rack[1-2]-n[01-04]'), in SLURM's order,
+    without `scontrol` (which compute nodes may lack): submitit's parser, the one its JobEnvironment uses."""
+    from submitit.slurm.slurm import _parse_node_list
 
-    torchrun and the deepspeed launcher export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under `srun` (and
-    submitit) each task has SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the master is the job's first node,
-    on a port derived from the job id so that every task agrees without a hard-coded port.
+    return _parse_node_list(nodelist)
+
+
+def slurm_master_port(env: Mapping[str, str]) -> int:
+    """The rendezvous port every task of a job agrees on without talking: 20000-39999 from the job id and the
+    requeue count. Jobs sharing a node get different ports (ids less than 20000 apart), and so does each
+    requeue of one job (4099 is prime to 20000), whose previous run may still hold its port in TIME_WAIT."""
+    restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
+    return 20000 + (_require_int(env, "SLURM_JOB_ID") + 4099 * restarts) % 20000
+
+
+def started_by_launcher(env: Mapping[str, str]) -> str | None:
+    """'torchrun' or 'deepspeed' when that launcher started this process (its own marker variables, which no
+    shell exports by accident), else None."""
+    if "TORCHELASTIC_RUN_ID" in env:
+        return "torchrun"
+    if "CROSS_RANK" in env and "LOCAL_SIZE" in env:  # deepspeed/launcher/launch.py sets both for every rank
+        return "deepspeed"
+    return None
+
+
+def detect_world(env: Mapping[str, str] | None = None) -> WorldInfo:
+    """Read rank and rendezvous from the environment of whoever started this process, in this order:
+
+    1. torchrun or the deepspeed launcher (`started_by_launcher`): their RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*,
+       also inside a SLURM step (`srun torchrun ...`, one agent per node).
+    2. A SLURM job step (SLURM_STEP_ID set: `srun`, submitit): SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, the
+       master is the job's first node (127.0.0.1 on a one-node job, so nothing depends on the host name
+       resolving) on `slurm_master_port`.
+    3. Elsewhere in a SLURM job (the batch shell: no step) one process: `python train.py` there is not rank 0 of
+       N waiting for peers that never come. In 2 and 3, RANK & co. leaked from the submitting shell (sbatch
+       exports the environment) are ignored.
+    4. RANK and WORLD_SIZE set by another starter outside SLURM (submitit's local executor, a test harness).
+    5. Otherwise one process.
     """
     env = os.environ if env is None else env
+    if started_by_launcher(env) is None and "SLURM_JOB_ID" in env and "SLURM_STEP_ID" not in env:
+        return WorldInfo(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
+                         launcher="single")
+    if started_by_launcher(env) is None and "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        hosts = slurm_hostnames(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1")
+        return WorldInfo(rank=_require_int(env, "SLURM_PROCID"), local_rank=_require_int(env, "SLURM_LOCALID"),
+                         world_size=_require_int(env, "SLURM_NTASKS"),
+                         master_addr="127.0.0.1" if len(hosts) == 1 else hosts[0],
+                         master_port=slurm_master_port(env), launcher="slurm")
     if "RANK" in env and "WORLD_SIZE" in env:
         return WorldInfo(rank=_require_int(env, "RANK"), local_rank=int(env.get("LOCAL_RANK", "0")),
                          world_size=_require_int(env, "WORLD_SIZE"),
                          master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                          master_port=int(env.get("MASTER_PORT", "29500")), launcher="env")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        job_id = _require_int(env, "SLURM_JOB_ID")
-        return WorldInfo(rank=_require_int(env, "SLURM_PROCID"), local_rank=_require_int(env, "SLURM_LOCALID"),
-                         world_size=_require_int(env, "SLURM_NTASKS"),
-                         master_addr=_first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-                         master_port=20000 + job_id % 20000, launcher="slurm")
     return WorldInfo(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
                      launcher="single")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -179,12 +180,11 @@ def _wait_for_rank0(marker: Path, rank: int, timeout_s: float = RANK0_REQUEUE_WA
 
 
 def _export_world() -> dict[str, str]:
-    """Export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for this task, so that lacvit_dist.cli's
-    detect_world takes them as they are (its "env" branch).
+    """RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT of this task, exported.
 
-    Under SLURM they are computed by detect_world itself from the SLURM variables (after dropping any
-    RANK & co. that leaked in from the submitting shell, since sbatch exports its environment), with the
-    master replaced by 127.0.0.1 when the job has one node. submitit's local executor sets no SLURM
+    Under SLURM they are what lacvit_dist.distributed.detect_world computes from the job step's variables (it
+    ignores RANK & co. leaked in from the submitting shell); the master host is checked to resolve here, so a
+    bad node name fails at once instead of in the rendezvous. submitit's local executor sets no SLURM
     variables; its JobEnvironment gives the ranks there.
     """
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -198,19 +198,15 @@ def _export_world() -> dict[str, str]:
         from lacvit_dist.distributed import detect_world
 
         world = detect_world()
+        try:
+            socket.getaddrinfo(world.master_addr, world.master_port)
+        except OSError as err:
+            raise RuntimeError(f"master host {world.master_addr!r} (first node of {os.environ.get('SLURM_JOB_NODELIST')})"
+                               f" does not resolve on {socket.gethostname()}: {err}") from None
         nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
-        master = "127.0.0.1" if nodes == 1 else world.master_addr
-        if nodes > 1:
-            import socket
-
-            try:
-                socket.getaddrinfo(master, world.master_port)
-            except OSError as err:
-                raise RuntimeError(f"master host {master!r} (first node of {os.environ.get('SLURM_JOB_NODELIST')}) "
-                                   f"does not resolve on {socket.gethostname()}: {err}") from None
-        local_size = max(1, world.world_size // max(1, nodes))
         values = dict(RANK=world.rank, WORLD_SIZE=world.world_size, LOCAL_RANK=world.local_rank,
-                      LOCAL_WORLD_SIZE=local_size, MASTER_ADDR=master, MASTER_PORT=world.master_port)
+                      LOCAL_WORLD_SIZE=max(1, world.world_size // max(1, nodes)), MASTER_ADDR=world.master_addr,
+                      MASTER_PORT=world.master_port)
     elif env.num_tasks > 1:
         dist_env = submitit.helpers.TorchDistributedEnvironment()
         values = dict(RANK=dist_env.rank, WORLD_SIZE=dist_env.world_size, LOCAL_RANK=dist_env.local_rank,

@@ -9,8 +9,8 @@
   `<run.name>-<timestamp>`. submitit's pickles and logs go to `<run>/slurm/<job id>/`, the job ids to
   `<run>/jobs.json` (read back by `--status`).
 * Inside a job every task calls `lacvit_dist.cli.main(["--config", ..., "--stages", <stage>, overrides...])`, the
-  same entry as `train.py`. Rank / world size / master come from SLURM (`SLURM_PROCID`, `SLURM_NTASKS`, first host
-  of `SLURM_JOB_NODELIST`, port 20000 + job id % 20000, as `lacvit_dist.distributed.detect_world` computes
+  same entry as `train.py`. Rank / world size / master come from the job step (`SLURM_PROCID`, `SLURM_NTASKS`, first host
+  of the node list, a port from the job id and requeue count, as `lacvit_dist.distributed.detect_world` computes
   them); on a single node the master is 127.0.0.1, so nothing depends on the host name resolving.
 * Requeue: SLURM sends SIGUSR1 `--signal-delay-s` seconds before the time limit (`--signal=USR1@120`; submitit is
   told to use USR1 too, so the signal never kills a process before the trainer has installed its handler).

@@ -193,13 +193,13 @@ def test_world_from_slurm_variables_uses_loopback_on_one_node(monkeypatch):
     # Leaked torchrun variables from the submitting shell must not win over SLURM's.
     for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4321", "SLURM_PROCID": "1",
                        "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node-does-not-exist",
-                       "SLURM_JOB_NUM_NODES": "1", "RANK": "7", "WORLD_SIZE": "9", "LOCAL_RANK": "3",
+                       "SLURM_JOB_NUM_NODES": "1", "SLURM_STEP_ID": "0", "SLURM_RESTART_COUNT": "0", "RANK": "7", "WORLD_SIZE": "9", "LOCAL_RANK": "3",
                        "MASTER_ADDR": "elsewhere", "MASTER_PORT": "1", "LOCAL_WORLD_SIZE": "9",
                        "OMP_NUM_THREADS": "1"}.items():
         monkeypatch.setenv(key, value)
     values = slurm_job._export_world()
     assert values == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(20000 + 4321 % 20000)}
+                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "24321"}
     assert os.environ["RANK"] == "1"
 
 
@@ -285,3 +285,25 @@ def test_failed_requeue_is_not_counted_and_other_ranks_wait_for_rank0(slurm_clus
     assert not (run_dir / "slurm" / "requeues.json").exists()  # nothing counted: the budget (1) is untouched
     resubmission = pickle.loads((run_dir / "slurm" / job_id / f"{job_id}_submitted.pkl").read_bytes())
     assert resubmission.function.spec == spec  # what the requeued job would run
+
+
+def test_batch_shell_is_one_process_and_each_step_task_its_own_rank(slurm_cluster, tmp_path):
+    """On the real cluster: `python` in the batch shell of a 2-task job (leaked RANK/WORLD_SIZE in the submitting
+    environment) is a one-process world; each task of `srun` in that job is rank k of 2 with one master port."""
+    show = (f"{sys.executable} -c \"from lacvit_dist.distributed import detect_world as d; w = d(); "
+            "print('world', w.launcher, w.rank, w.world_size, w.master_addr, w.master_port, flush=True)\"")
+    script = tmp_path / "world.sbatch"
+    script.write_text(f"#!/bin/bash\n#SBATCH --ntasks=2\n#SBATCH --output={tmp_path}/out.txt\n"
+                      f"cd {tmp_path}\n{show}\nsrun {show}\n")
+    env = {**os.environ, "RANK": "5", "WORLD_SIZE": "9", "MASTER_ADDR": "elsewhere", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    wait_until(lambda: status.job_states([job_id])[job_id]["state"] in status.TERMINAL_STATES, 120, "the job",
+               lambda: local_cluster.daemon_logs(slurm_cluster.dir))
+    lines = sorted(line.split()[1:] for line in (tmp_path / "out.txt").read_text().splitlines()
+                   if line.startswith("world "))
+    assert lines[0][:3] == ["single", "0", "1"], lines  # the batch shell
+    steps = [line for line in lines if line[0] == "slurm"]
+    assert sorted(line[1] for line in steps) == ["0", "1"] and {line[2] for line in steps} == {"2"}, lines
+    assert len({(line[3], line[4]) for line in steps}) == 1 and steps[0][3] == "127.0.0.1", lines
