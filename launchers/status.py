@@ -10,6 +10,7 @@ from typing import Sequence
 
 from launchers.slurm_job import REQUEUES_FILE
 from lacvit_dist.io import read_json
+from lacvit_dist.train.checkpoint import find_latest, step_of_tag
 
 JOBS_FILE = "jobs.json"
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -54,16 +55,9 @@ def stage_progress(stage_dir: Path) -> str:
         test = results.get("test") or {}
         extra = f", test top1 {test['top1']:.4f} on {test.get('samples')} samples" if "top1" in test else ""
         return f"finished at step {results.get('steps')}{extra}"
-    ckpt = stage_dir / "checkpoints"
-    tag = None
-    if (ckpt / "latest").is_file():
-        tag = (ckpt / "latest").read_text().strip() or None
-    if tag is None and ckpt.is_dir():
-        tags = sorted((p.name for p in ckpt.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name)))
-        tag = tags[-1] if tags else None
+    tag = find_latest(stage_dir / "checkpoints")  # the one the stage resumes from
     if tag:
-        match = re.search(r"(\d+)$", tag)
-        return f"checkpoint {tag}" + (f" (step {int(match.group(1))})" if match else "")
+        return f"checkpoint {tag} (step {step_of_tag(tag)})"
     return "started, no checkpoint yet" if stage_dir.is_dir() else "not started"
 
 
@@ -91,6 +85,18 @@ def status_text(run_dir: Path) -> str:
     rows.append("tensorboard: " + (f"tensorboard --logdir {run_dir}   ({', '.join(tb_dirs)})" if tb_dirs
                                    else "(no event files yet)"))
     return "\n".join(rows)
+
+
+def active_jobs(run_dir: Path, stages: Sequence[str]) -> list[str]:
+    """The jobs recorded in `run_dir` for `stages` that SLURM still holds (pending, running, requeued...), as
+    'stage job ID (STATE)'; a job SLURM no longer knows counts as ended."""
+    data = read_json(run_dir / JOBS_FILE, None)
+    if not data or data.get("cluster", "slurm") != "slurm":
+        return []
+    recorded = [job for job in data.get("jobs", []) if job["stage"] in stages]
+    states = job_states([job["job_id"] for job in recorded])
+    return [f"{job['stage']} job {job['job_id']} ({states[job['job_id']]['state']})" for job in recorded
+            if states[job["job_id"]]["state"] not in TERMINAL_STATES | {"UNKNOWN"}]
 
 
 def wait_for(job_ids: Sequence[str], timeout_s: float | None = None, poll_s: float = 2.0) -> dict[str, dict[str, str]]:

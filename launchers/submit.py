@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 from launchers.plan import Plan, dry_run_text, make_plan
 from launchers.slurm_job import PREEMPT_SIGNAL, SlurmStageJob
-from launchers.status import JOBS_FILE, status_text, wait_for
+from launchers.status import JOBS_FILE, active_jobs, status_text, wait_for
 from lacvit_dist.io import read_json, write_json
 from lacvit_dist.stages import STAGE_NAMES
 
@@ -238,6 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(dry_run_text(plan, args.job_name, args.max_requeues), end="")
         return 0
+    busy = active_jobs(plan.run_dir, plan.stages) if args.cluster == "slurm" else []
+    if busy:  # a second copy would train into the same folder, and its pruning delete the first one's checkpoints
+        print(f"submit: {plan.run_dir} already has {', '.join(busy)}; it resumes this run by itself. Wait for it "
+              f"(--status {plan.run_dir}) or cancel it (scancel) before submitting again", file=sys.stderr)
+        return 2
     if plan.skipped:
         print(f"already finished in {plan.run_dir}: {', '.join(plan.skipped)} (skipped)")
     if not plan.stages:

@@ -307,3 +307,22 @@ def test_batch_shell_is_one_process_and_each_step_task_its_own_rank(slurm_cluste
     steps = [line for line in lines if line[0] == "slurm"]
     assert sorted(line[1] for line in steps) == ["0", "1"] and {line[2] for line in steps} == {"2"}, lines
     assert len({(line[3], line[4]) for line in steps}) == 1 and steps[0][3] == "127.0.0.1", lines
+
+
+def test_resubmitting_while_a_job_of_the_stage_is_pending_is_refused(slurm_cluster, digits_root, tmp_path):
+    """A second copy of a stage still held by SLURM (pending, requeued) would train into the same run folder and
+    its pruning could delete the first one's checkpoints: the launcher refuses, naming the job."""
+    args = ["--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "--output-dir", str(tmp_path),
+            "--run-name", "held", f"data.root={digits_root}", *TINY]
+    first = submit(*args, "--sbatch-opt", "begin=now+3600")  # stays PENDING for an hour
+    assert first.returncode == 0, first.stdout + first.stderr
+    job_id = jobs_of(tmp_path / "held")["stage1"]
+    try:
+        again = submit(*args)
+        assert again.returncode == 2, again.stdout + again.stderr
+        assert f"stage1 job {job_id} (PENDING)" in again.stderr and "scancel" in again.stderr, again.stderr
+        assert len(json.loads((tmp_path / "held" / "jobs.json").read_text())["jobs"]) == 1  # nothing submitted
+    finally:
+        subprocess.run(["scancel", job_id], timeout=30)
+    wait_until(lambda: status.job_states([job_id])[job_id]["state"] in status.TERMINAL_STATES, 60, "the cancel")
+    assert status.active_jobs(tmp_path / "held", ["stage1"]) == []  # a cancelled job no longer blocks
