@@ -3,26 +3,13 @@
     python launchers/submit.py --config configs/my_run.yaml --nodes 2 --gpus-per-node 8 --partition gpu \
         stage1.epochs=100                                  # trailing key=value: config overrides
 
-* Each stage is its own job (`launchers.slurm_job.SlurmStageJob`, a picklable callable); stage 2 and the baseline wait for stage 1 with
-  `--dependency=afterok:<stage-1 job>` (and are cancelled if stage 1 fails: `--kill-on-invalid-dep=yes`).
+* Each stage is its own job; stage 2 and the baseline wait for stage 1 with `--dependency=afterok:<stage-1
+  job>` (and are cancelled if stage 1 fails: `--kill-on-invalid-dep=yes`).
 * Every job writes into the run folder `<run.output_dir>/<run name>`; the run name defaults to
   `<run.name>-<timestamp>`. submitit's pickles and logs go to `<run>/slurm/<job id>/`, the job ids to
   `<run>/jobs.json` (read back by `--status`).
-* Inside a job every task calls `lacvit_dist.cli.main(["--config", ..., "--stages", <stage>, overrides...])`, the
-  same entry as `train.py`. Rank / world size / master come from the job step (`SLURM_PROCID`, `SLURM_NTASKS`, first host
-  of the node list, a port from the job id and requeue count, as `lacvit_dist.distributed.detect_world` computes
-  them); on a single node the master is 127.0.0.1, so nothing depends on the host name resolving.
-* Requeue: SLURM sends SIGUSR1 `--signal-delay-s` seconds before the time limit (`--signal=USR1@120`; submitit is
-  told to use USR1 too, so the signal never kills a process before the trainer has installed its handler).
-  The trainer sets a flag, all ranks agree at a step boundary, save one checkpoint and leave with
-  `REQUEUE_EXIT_CODE` (75). Rank 0 then writes the resubmission (the same task: the run folder is the only
-  state, nothing about the checkpoint is frozen in the pickle) where submitit's job reads its task, and runs
-  `scontrol requeue`; the other ranks wait for it (`<run>/slurm/<job id>/requeue_<restart>.json`) so that no
-  early exit ends the step before the requeue. The restarted job resumes the unfinished stage from its latest
-  checkpoint. Successful requeues are counted per stage in `<run>/slurm/requeues.json`, against
-  `--max-requeues`; a failing `scontrol requeue` (SLURM already requeueing a preempted job) is logged, not
-  counted. A job signalled before training started is requeued by submitit's own handler, which calls
-  `checkpoint()` (counted there).
+* Inside a job every task runs `launchers.slurm_job.SlurmStageJob`: the same entry as `train.py`, and on
+  SIGUSR1 (`--signal-delay-s` before the time limit) checkpoint, exit 75 and requeue (see that module).
 * `--dry-run` prints an equivalent plain `sbatch` script per stage (with `srun python train.py ...`, the
   requeue-on-75 logic and the `afterok` dependency) and submits nothing. `--status RUN_DIR` shows the jobs,
   their SLURM states, the latest step of each stage and the TensorBoard folders.
