@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if world.rank == 0:
             print(f"config error: {err}", file=sys.stderr)
         return 2
-    with dist_utils.job(cfg.run.device, cfg.deepspeed.backend):
+    with dist_utils.job(cfg.run.device, cfg.deepspeed.backend, timeout_s=cfg.run.collective_timeout_s):
         try:
             results = run(cfg)
         except StopRequested:

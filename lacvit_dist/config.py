@@ -41,6 +41,10 @@ class RunConfig:
     # steps are slow, so that about every S seconds; also before and after every evaluation.
     stop_check_every_steps: int = 10
     stop_check_every_s: float = 30.0
+    # A collective that waits longer than this raises on every waiting rank (a peer hung, or its node's link is
+    # down; a peer process that died is seen at once). It must exceed the longest wait of a healthy job: rank 0
+    # fetching pretrained weights while the others wait, a checkpoint save, an evaluation pass.
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -329,6 +333,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"run.{key}: must be >= 0, got {getattr(cfg.run, key)}")
     if cfg.run.stop_check_every_steps < 1:
         raise ConfigError(f"run.stop_check_every_steps: must be >= 1, got {cfg.run.stop_check_every_steps}")
+    if cfg.run.collective_timeout_s <= 0:
+        raise ConfigError(f"run.collective_timeout_s: must be > 0, got {cfg.run.collective_timeout_s}")
     if cfg.run.stop_check_every_s <= 0:
         raise ConfigError(f"run.stop_check_every_s: must be > 0, got {cfg.run.stop_check_every_s}")
     if cfg.run.max_nonfinite_steps < 1:

@@ -7,6 +7,7 @@ import os
 import pickle
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
@@ -102,7 +103,7 @@ def detect_world(env: Mapping[str, str] | None = None) -> WorldInfo:
                      launcher="single")
 
 
-def init_distributed(world: WorldInfo, backend: str) -> None:
+def init_distributed(world: WorldInfo, backend: str, timeout_s: float | None = None) -> None:
     """Create the default process group through DeepSpeed (or hand it an existing one), from `world`.
 
     DeepSpeed falls back to MPI discovery when RANK & co. are missing, so they are exported first: this is
@@ -117,7 +118,8 @@ def init_distributed(world: WorldInfo, backend: str) -> None:
     os.environ.update(RANK=str(world.rank), LOCAL_RANK=str(world.local_rank), WORLD_SIZE=str(world.world_size),
                       MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
     # Wraps an already-initialised torch process group instead of creating one.
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **timeout)
 
 
 @dataclass(frozen=True)
@@ -149,10 +151,12 @@ def set_threads(world: WorldInfo) -> None:
 
 
 @contextlib.contextmanager
-def job(device: str = "auto", backend: str = "auto", seed: int | None = None) -> Iterator[Job]:
+def job(device: str = "auto", backend: str = "auto", seed: int | None = None,
+        timeout_s: float | None = None) -> Iterator[Job]:
     """Join the job the launcher started (or a one-process job) the one way every program does: world from
     the environment, one GPU per local rank, threads shared per node, the process group (through DeepSpeed),
-    and the seed. A process group that already exists (a caller's) is used and left alone."""
+    and the seed. A process group that already exists (a caller's) is used and left alone. `timeout_s`: how long
+    a collective may wait for a peer before it raises (DeepSpeed's default, 30 minutes, when None)."""
     world = detect_world()
     kind = resolve_device(device)
     set_threads(world)
@@ -160,7 +164,7 @@ def job(device: str = "auto", backend: str = "auto", seed: int | None = None) ->
         torch.cuda.set_device(world.local_rank)  # before the process group: NCCL binds to the current device
     backend = backend if backend != "auto" else ("nccl" if kind == "cuda" else "gloo")
     owned = not (dist.is_available() and dist.is_initialized())
-    init_distributed(world, backend)  # hands an existing group to DeepSpeed too
+    init_distributed(world, backend, timeout_s)  # hands an existing group to DeepSpeed too
     if seed is not None:
         torch.manual_seed(seed)
     try:

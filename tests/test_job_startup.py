@@ -37,3 +37,45 @@ def test_two_jobs_in_one_process():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "two jobs ok" in proc.stdout
+
+
+PEER = textwrap.dedent("""
+    import os, sys, time, torch
+    from lacvit_dist.distributed import job
+
+    rank, mode = int(os.environ["RANK"]), sys.argv[1]
+    with job(device="cpu", timeout_s=4) as started:
+        torch.distributed.all_reduce(torch.ones(8))  # both ranks are up
+        if rank == 1:
+            if mode == "dies":
+                os._exit(1)
+            time.sleep(60)  # hung, or its node's link is down: it never answers
+        began = time.monotonic()
+        try:
+            torch.distributed.all_reduce(torch.ones(8))
+        except Exception as err:  # noqa: BLE001
+            print(f"peer lost after {time.monotonic() - began:.1f} s: {type(err).__name__}", flush=True)
+            os._exit(3)
+""")
+
+
+def test_a_lost_peer_stops_the_waiting_rank_within_the_collective_timeout():
+    """A rank whose peer died is told at once; one whose peer hangs (or is cut off) raises after timeout_s
+    (run.collective_timeout_s) instead of waiting in the collective for ever."""
+    from dist_helpers import free_port
+
+    for mode, bound in (("dies", 3.0), ("hangs", 4.0 + 3.0)):
+        env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+               "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+        peers = [subprocess.Popen([sys.executable, "-c", PEER, mode], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        try:
+            out, err = peers[0].communicate(timeout=120)
+        finally:
+            for p in peers:
+                p.kill()
+        assert peers[0].returncode == 3, f"{mode}: {out}\n{err[-2000:]}"
+        seconds = float(out.split("peer lost after ")[1].split()[0])
+        assert seconds <= bound, f"{mode}: the waiting rank stopped after {seconds} s"
+        if mode == "hangs":
+            assert seconds >= 3.5  # the configured timeout, not an earlier error

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    with dist_utils.job(cfg.run.device, cfg.deepspeed.backend):
+    with dist_utils.job(cfg.run.device, cfg.deepspeed.backend, timeout_s=cfg.run.collective_timeout_s):
         try:
             res = run_experiment(args)
             if rank == 0:
