@@ -143,7 +143,7 @@ class Stage1Config(StageConfig):
 
 @dataclass
 class Stage2Config(StageConfig):
-    backbone_path: str | None = None  # stage-1 backbone (.safetensors); None: this run's stage-1 output
+    backbone_path: str | None = None  # stage-1 export folder (or a weights file); None: this run's stage 1
 
 
 @dataclass

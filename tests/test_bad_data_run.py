@@ -50,7 +50,7 @@ def test_corrupt_train_sample_is_skipped_and_counted_by_the_knn_bank(tmp_path):
     assert results["val"]["bank_samples"] == info.split("train").num_samples - 1
     assert results["val"]["samples"] == info.split("val").num_samples
     assert set(results["bad_samples"]) >= {"undecodable_image", "unreadable_tar"}  # the training stream's
-    assert (tmp_path / "run" / "stage1" / "backbone.safetensors").exists()
+    assert (tmp_path / "run" / "stage1" / "timm" / "model.safetensors").exists()
 
 
 @pytest.fixture(scope="module")

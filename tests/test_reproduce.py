@@ -97,7 +97,7 @@ def test_reproduce_small_end_to_end(digits_root, tmp_path):
             own = json.loads((out / "runs" / name / final_stage / "results.json").read_text())
             assert own["test"]["top1"] == top1 and own["test"]["samples"] == target.split("test").num_samples
             cfg = yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
-            assert cfg["model"]["pretrained_path"] == str(out / "pretrained_backbone.safetensors")
+            assert cfg["model"]["pretrained_path"] == str(out / "pretrained_backbone" / "model.safetensors")
             assert Path(cfg["data"]["root"]).resolve() == Path(target.root) and cfg["run"]["seed"] == run["seed"]
         assert m["test_top1_mean"] == pytest.approx(sum(m["test_top1"]) / 2)
 

@@ -111,7 +111,7 @@ def test_reuse_flag_and_settings_that_do_not_shape_results_skip_the_finished_sta
 
 def test_every_rank_follows_rank0_view_of_the_run_folder(restarts, tmp_path_factory):
     per_rank, out, _ = restarts
-    backbone = str(out / "run" / "stage1" / "backbone.safetensors")
+    backbone = str(out / "run" / "stage1" / "timm")
     for got in per_rank:
         assert got["stage1_rank0_finished"] == {"value": ["finished"]}  # rank 1 saw no results.json
         assert got["stage1_rank0_empty"] == {"value": []}  # rank 1 saw one: rank 0 decides to train

@@ -124,7 +124,7 @@ def test_two_stage_run_on_slurm(two_stage_run, digits_root, slurm_cluster):
     assert s1["world_size"] == 2 and s2["world_size"] == 2  # two SLURM tasks formed one process group
     assert s2["test"]["samples"] == load_info(digits_root).split("test").num_samples  # every test sample, once
     assert 0.0 <= s2["test"]["top1"] <= 1.0
-    assert (run_dir / "stage1" / "backbone.safetensors").exists()
+    assert (run_dir / "stage1" / "timm" / "model.safetensors").exists()
     assert (run_dir / "config.yaml").exists()  # one run folder for both jobs
     # submitit's logs live in the run folder, one sub-folder per job, one log per task
     assert {p.name for p in (run_dir / "slurm" / jobs["stage1"]).glob("*_log.out")} == \

@@ -30,7 +30,7 @@ def test_two_task_local_run_completes_both_stages(digits_root, tmp_path):
     s2 = json.loads((run_dir / "stage2" / "results.json").read_text())
     assert s1["world_size"] == 2 and s2["world_size"] == 2  # the two local tasks formed one process group
     assert s2["test"]["samples"] == load_info(digits_root).split("test").num_samples
-    for path in ("config.yaml", "summary.csv", "stage1/backbone.safetensors", "stage1/tb", "stage2/tb"):
+    for path in ("config.yaml", "summary.csv", "stage1/timm/model.safetensors", "stage1/tb", "stage2/tb"):
         assert (run_dir / path).exists(), path
 
 

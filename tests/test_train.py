@@ -70,14 +70,15 @@ def test_deepspeed_launcher_two_ranks_all_stages(digits_root, deepspeed_run):
         assert 0.0 <= res["test"]["top1"] <= res["test"]["top5"] <= 1.0
 
     # Stage 2 trained only the head on top of exactly stage 1's backbone.
-    backbone = load_file(run_dir / "stage1" / "backbone.safetensors")
-    classifier = load_file(run_dir / "stage2" / "classifier.safetensors")
+    backbone = load_file(run_dir / "stage1" / "timm" / "model.safetensors")
+    classifier = load_file(run_dir / "stage2" / "timm" / "model.safetensors")
     assert set(classifier) - set(backbone) == {"head.weight", "head.bias"}
     assert all(torch.equal(backbone[k], classifier[k]) for k in backbone)
-    manifest = json.loads((run_dir / "stage1" / "backbone.json").read_text())
+    manifest = json.loads((run_dir / "stage1" / "timm" / "config.json").read_text())["lacvit"]
     assert manifest["stage"] == "stage1" and len(manifest["sha256"]) == 64
+    assert sorted(p.name for p in (run_dir / "stage1").iterdir() if p.is_file()) == ["results.json"]  # written once
     # The baseline trained its backbone: it moved away from the (shared-seed) initialisation.
-    baseline = load_file(run_dir / "baseline" / "classifier.safetensors")
+    baseline = load_file(run_dir / "baseline" / "timm" / "model.safetensors")
     assert not torch.equal(baseline["blocks.0.attn.qkv.weight"], classifier["blocks.0.attn.qkv.weight"])
 
     # Stage 1 is monitored on train + val only (kNN, embedding health); the test split is for the classifiers.
@@ -103,7 +104,7 @@ def test_deepspeed_launcher_two_ranks_all_stages(digits_root, deepspeed_run):
 
     # The exported classifier is a plain timm checkpoint: timm loads it and reproduces the reported accuracy.
     cfg = load_config(run_dir / "config.yaml")
-    model = timm.create_model(cfg.model.name, checkpoint_path=str(run_dir / "stage2" / "classifier.safetensors"),
+    model = timm.create_model(cfg.model.name, checkpoint_path=str(run_dir / "stage2" / "timm" / "model.safetensors"),
                               num_classes=info.num_classes, global_pool=cfg.model.global_pool,
                               **cfg.model.overrides).eval()
     correct = total = 0
@@ -119,7 +120,7 @@ def test_torchrun_stage1_then_plain_python_stage2(digits_root, tmp_path):
     run_dir = launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())],
                      tmp_path, digits_root, "run.stages=[stage1]", name="tr")
     assert results(run_dir, "stage1")["world_size"] == 2
-    backbone = run_dir / "stage1" / "backbone.safetensors"
+    backbone = run_dir / "stage1" / "timm"
     # A different run folder, a single plain process, the backbone handed over by path.
     run2 = launch([sys.executable], tmp_path, digits_root, "run.stages=[stage2]", f"stage2.backbone_path={backbone}",
                   name="single")
@@ -135,7 +136,7 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
 def test_evaluate_tool_reproduces_training_metrics(digits_root, deepspeed_run, tmp_path, capsys):
     from lacvit_dist.evaluation.offline import main as evaluate
 
-    classifier = deepspeed_run / "stage2" / "classifier.safetensors"
+    classifier = deepspeed_run / "stage2" / "timm"
     assert evaluate([str(classifier), "--data", str(digits_root), "--embeddings", "--workers", "0",
                      "--out", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -147,7 +148,7 @@ def test_evaluate_tool_reproduces_training_metrics(digits_root, deepspeed_run, t
         assert (tmp_path / "ev" / png).stat().st_size > 1000
     # Nothing is overwritten; a stage-1 backbone gets the embedding report only.
     assert evaluate([str(classifier), "--data", str(digits_root), "--out", str(tmp_path / "ev")]) == 2
-    backbone = deepspeed_run / "stage1" / "backbone.safetensors"
+    backbone = deepspeed_run / "stage1" / "timm"
     assert evaluate([str(backbone), "--data", str(digits_root), "--split", "val", "--workers", "0",
                      "--out", str(tmp_path / "ev1")]) == 0
     metrics = json.loads((tmp_path / "ev1" / "metrics.json").read_text())

@@ -44,7 +44,7 @@ def test_loss_falls_and_outputs_complete(zero_runs, zero):
     assert last < first - 0.1, losses  # chance level is ln 10 = 2.30
     results = json.loads((out / f"zero{zero}" / "baseline" / "results.json").read_text())
     assert results["test"]["samples"] == 359  # ZeRO-3 evaluation: uneven shares, lockstep forwards
-    assert (out / f"zero{zero}" / "baseline" / "classifier.safetensors").stat().st_size > 0
+    assert (out / f"zero{zero}" / "baseline" / "timm" / "model.safetensors").stat().st_size > 0
 
 
 def test_zero_stages_train_the_same_model(zero_runs):

@@ -34,7 +34,8 @@ import torch
 
 from lacvit_dist import distributed as dist_utils
 from lacvit_dist.io import write_json
-from lacvit_dist.train.checkpoint import save_state_dict
+from lacvit_dist.models.export import WEIGHTS, export_timm
+from lacvit_dist.models.factory import image_stats
 from lacvit_dist.cli import run
 from lacvit_dist.config import ConfigError, load_config
 from lacvit_dist.data.shards import DatasetInfo, load_info
@@ -133,19 +134,19 @@ class Experiment:
         """CE on the source classes; the classifier's backbone (head removed) is the transfer start point."""
         results = self.train("pretrain", ["baseline"], [f"data.root={self.source.root}",
                                                         f"baseline.epochs={self.epochs['pretrain']}"])["baseline"]
-        path = self.args.out / "pretrained_backbone.safetensors"
+        path = self.args.out / "pretrained_backbone"  # an export folder, as the stages write
         if dist_utils.rank() == 0 and not path.exists():
             model, manifest = load_exported(Path(results["export"]))
             model.reset_classifier(0)
-            save_state_dict(model.state_dict(), path, {**manifest, "stage": "pretrain", "num_classes": 0,
-                                                       "classes": self.source.class_names})
+            export_timm(model, model.state_dict(), path, stats=image_stats(model),
+                        manifest={**manifest, "stage": "pretrain", "classes": self.source.class_names})
         dist_utils.barrier()
         return path, results
 
     def finetune(self, method: str, hp: dict[str, str], seed: int, pretrained: Path) -> dict[str, Any]:
         e = self.epochs
         results = self.train(f"{method}-{_tag(hp)}-seed{seed}", METHODS[method], [
-            f"data.root={self.target.root}", f"model.pretrained_path={pretrained}", f"run.seed={seed}",
+            f"data.root={self.target.root}", f"model.pretrained_path={pretrained / WEIGHTS}", f"run.seed={seed}",
             f"stage1.epochs={e['stage1']}", f"stage2.epochs={e['stage2']}", f"baseline.epochs={e['baseline']}",
             *(f"{key}={value}" for key, value in hp.items())])
         final = results[METHODS[method][-1]]

@@ -1,13 +1,12 @@
 """`lacvit-evaluate` (tools/evaluate.py): evaluate any exported stage output on any split of a shard set.
 
-* a classifier (`stage2|baseline/classifier.safetensors`): Top-1/Top-5, loss, per-class accuracy, confusion
+* a classifier (`<run>/stage2/timm`, `<run>/baseline/timm`): Top-1/Top-5, loss, per-class accuracy, confusion
   matrix (JSON + PNG images);
-* `--embeddings` (or a stage-1 `backbone.safetensors`): kNN accuracy (bank = the train split), embedding
+* `--embeddings` (or a stage-1 backbone, `<run>/stage1/timm`): kNN accuracy (bank = the train split), embedding
   health of the split's embeddings, and a 2-D PCA plot coloured by class.
 
-The model is rebuilt from the manifest written beside the weights (`<name>.json`: timm name, size overrides,
-pooling, classes). Runs as one process, or under torchrun / the deepspeed launcher (each rank evaluates its
-share; every sample counted once).
+timm builds the model from the export folder's config.json (`timm.create_model("local-dir:...")`). Runs as one
+process, or under torchrun / the deepspeed launcher (each rank evaluates its share; every sample counted once).
 """
 from __future__ import annotations
 
@@ -21,20 +20,19 @@ import timm
 import torch
 
 from lacvit_dist import distributed as dist_utils
-from lacvit_dist.config import ModelConfig
 from lacvit_dist.data.pipeline import eval_loader
 from lacvit_dist.data.shards import DatasetInfo, load_info
 from lacvit_dist.data.transforms import evaluation
 from lacvit_dist.evaluation.passes import evaluate_classifier, evaluate_embeddings
 from lacvit_dist.evaluation.figures import confusion_figure, embedding_figure, most_confused, per_class_figure, save_figure
-from lacvit_dist.models.factory import create_backbone, image_stats
+from lacvit_dist.models.factory import image_stats
 from lacvit_dist.log import progress
+from lacvit_dist.models.export import read_manifest
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="classifier.safetensors, backbone.safetensors or a timm export "
-                        "folder (<stage>/timm)")
+    parser.add_argument("checkpoint", type=Path, help="a stage's export folder (<run>/<stage>/timm)")
     parser.add_argument("--data", required=True, type=Path, help="shard folder with _info.json")
     parser.add_argument("--split", default="test")
     parser.add_argument("--bank-split", default="train", help="kNN memory bank split (--embeddings)")
@@ -46,23 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_exported(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The timm model described by the manifest beside `path`, with the weights loaded by timm itself; or a
-    timm-format export folder (<stage>/timm, lacvit_dist.models.export), which timm builds from its config.json."""
-    if path.is_dir():
-        model = timm.create_model(f"local-dir:{path}", pretrained=True)
-        return model.eval(), json.loads((path / "config.json").read_text())["lacvit"]
-    manifest_path = path.with_suffix(".json")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"manifest {manifest_path} (written beside every export) does not exist")
-    manifest = json.loads(manifest_path.read_text())
-    num_classes = manifest["num_classes"] if manifest["stage"] != "stage1" else 0
-    cfg = ModelConfig(name=manifest["model"], overrides=manifest["model_overrides"],
-                      global_pool=manifest["global_pool"])
-    model = create_backbone(cfg, num_classes=num_classes)
-    timm.models.load_checkpoint(model, str(path), strict=True)
-    return model.eval(), manifest
+    """The model of an export folder (<run>/<stage>/timm, lacvit_dist.models.export), built by timm from its
+    config.json with the weights loaded by timm itself, and our manifest (stage, step, config)."""
+    manifest = read_manifest(path)
+    if not manifest:
+        raise FileNotFoundError(f"{path} is not an export folder of this project (no {path / 'config.json'} "
+                                "with a 'lacvit' manifest); each stage writes one: <run>/<stage>/timm")
+    return timm.create_model(f"local-dir:{path}", pretrained=True).eval(), manifest
 
 
 def shown_loader(info: DatasetInfo, split: str, transform, batch_size: int, workers: int, what: str):

@@ -11,6 +11,7 @@ argument, as timm's `save_for_hf` writes it:
 Stage 1 writes its backbone without a head (num_classes 0); stage 2 and the baseline their classifiers."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -21,9 +22,11 @@ from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 from torch import nn
 
-from lacvit_dist.io import sha256
+from lacvit_dist.io import fsync_tree, sha256
 from lacvit_dist.data.transforms import ImageStats
+from lacvit_dist.models.layouts import load_state_dict_file
 
+EXPORT_DIR = "timm"  # <run>/<stage>/timm/: each stage's one output
 WEIGHTS = "model.safetensors"  # timm's HF_SAFE_WEIGHTS_NAME
 
 
@@ -47,6 +50,7 @@ def export_timm(model: nn.Module, state: dict[str, torch.Tensor], folder: str | 
     if class_names is not None and getattr(model, "num_classes", 0):
         extra["label_names"] = list(class_names)
     save_config_for_hf(model, str(tmp / "config.json"), model_config=extra, data_config=evaluation_data_config(stats))
+    fsync_tree(tmp)  # on disk before the swap makes it the export
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -54,3 +58,19 @@ def export_timm(model: nn.Module, state: dict[str, torch.Tensor], folder: str | 
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Our manifest (stage, step, config, sha256) in an export folder's config.json; {} if there is none."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("lacvit") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict and manifest of an export folder, or of a plain weights file (no manifest: {})."""
+    path = Path(path)
+    if path.is_dir():
+        return load_state_dict_file(path / WEIGHTS), read_manifest(path)
+    return load_state_dict_file(path), {}

@@ -5,7 +5,6 @@ checkpointing (timm or fairscale)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from pathlib import Path
@@ -17,9 +16,9 @@ from torch import nn
 
 from lacvit_dist.config import ConfigError, ModelConfig
 from lacvit_dist.data.transforms import ImageStats
-from lacvit_dist.models.layouts import _short, head_parameter_names, load_pretrained_backbone
+from lacvit_dist.models.export import read_weights
+from lacvit_dist.models.layouts import _short, head_parameter_names, load_pretrained_backbone, load_state_dict_file
 from lacvit_dist.models.pretrained import load_timm_weights
-from lacvit_dist.models.layouts import load_state_dict_file
 from lacvit_dist.train.restart import flatten_settings, settings_differences
 
 log = logging.getLogger(__name__)
@@ -117,23 +116,19 @@ def build_contrastive_model(cfg: ModelConfig) -> ContrastiveModel:
 _ARCHITECTURE = ("name", "overrides", "global_pool")  # the model settings that decide a backbone's tensors
 
 
-def _architecture_differences(backbone_path: str | Path, cfg: ModelConfig) -> list[str]:
-    """Model settings in the manifest stage 1 wrote beside the backbone (`save_state_dict`) that differ from
-    `cfg`, as 'model.key: backbone -> this run'; [] without a readable manifest."""
-    try:
-        manifest = json.loads(Path(backbone_path).with_suffix(".json").read_text())
-    except (OSError, ValueError):
+def _architecture_differences(manifest: dict, cfg: ModelConfig) -> list[str]:
+    """Model settings in a backbone's export manifest that differ from `cfg`, as 'model.key: backbone -> this
+    run'; [] without a manifest (a plain weights file)."""
+    model = (manifest.get("config") or {}).get("model")
+    if not model:
         return []
-    model = (manifest.get("config") or {}).get("model") or {
-        "name": manifest.get("model"), "overrides": manifest.get("model_overrides"),
-        "global_pool": manifest.get("global_pool")}
     recorded = {key: model.get(key) or ({} if key == "overrides" else None) for key in _ARCHITECTURE}
     return settings_differences(flatten_settings({"model": recorded}),
                                 flatten_settings({"model": {key: getattr(cfg, key) for key in _ARCHITECTURE}}))
 
 
 def load_backbone_into(classifier: nn.Module, backbone_state: dict[str, torch.Tensor], source: str,
-                       cfg: ModelConfig | None = None) -> None:
+                       cfg: ModelConfig | None = None, manifest: dict | None = None) -> None:
     """Load a stage-1 backbone into a timm classifier; only the classifier head may be missing.
 
     A backbone of another architecture raises ConfigError naming `source`, the model settings that differ
@@ -148,8 +143,8 @@ def load_backbone_into(classifier: nn.Module, backbone_state: dict[str, torch.Te
     if missing or unexpected or mismatched:
         problems = "; ".join(f"{label} {_short(keys, 4)}" for label, keys in (
             ("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)) if keys)
-        differences = _architecture_differences(source, cfg) if cfg is not None else []
-        settings = (f"its manifest {Path(source).with_suffix('.json')} says it was trained with other model "
+        differences = _architecture_differences(manifest or {}, cfg) if cfg is not None else []
+        settings = (f"its manifest ({source}/config.json) says it was trained with other model "
                     f"settings ({'; '.join(differences)}; backbone -> this run), " if differences else "")
         raise ConfigError(f"stage2.backbone_path: {source} does not fit this run's model: {settings}tensors: "
                           f"{problems}. Set the model section as the backbone was trained, or use a backbone "
@@ -164,8 +159,9 @@ def build_classifier(cfg: ModelConfig, num_classes: int, backbone_path: str | No
         cfg = dataclasses.replace(cfg, pretrained=False, pretrained_path=None)
     model = create_backbone(cfg, num_classes=num_classes, checkpointing=not freeze_backbone)
     if backbone_path is not None:
-        # safetensors, or a torch file read with weights_only=True: a user-supplied file runs no code.
-        load_backbone_into(model, load_state_dict_file(backbone_path), backbone_path, cfg)
+        # An export folder, or a weights file (safetensors, or torch with weights_only=True: it runs no code).
+        state, manifest = read_weights(backbone_path)
+        load_backbone_into(model, state, backbone_path, cfg, manifest)
     if freeze_backbone:
         head_keys = head_parameter_names(model)
         for name, param in model.named_parameters():

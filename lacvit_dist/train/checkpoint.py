@@ -1,7 +1,5 @@
-"""Checkpoints and stage outputs.
+"""Training checkpoints: atomic, complete or never used, resumable on every rank.
 
-* Stage outputs written atomically: the stage-1 backbone (safetensors + manifest) for stage 2, and the final
-  classifier in timm's own state-dict layout (`save_state_dict`).
 * Training checkpoints through DeepSpeed's own `engine.save_checkpoint` / `load_checkpoint` (every rank takes
   part, ZeRO partitions included), with crash-safe bookkeeping of our own on top:
 
@@ -29,18 +27,9 @@ import numpy as np
 import torch
 
 from lacvit_dist.distributed import barrier, gather_objects, rank, rank0_decides, world_size
-from lacvit_dist.io import fsync_tree, sha256, write_json, write_safetensors, write_text
+from lacvit_dist.io import fsync_tree, write_json, write_text
 
 log = logging.getLogger(__name__)
-
-
-def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write `state` as safetensors and a JSON manifest beside it (with the file's sha256), atomically:
-    a crash leaves either the previous files or the complete new ones, never a torn file."""
-    path = write_safetensors(state, path)
-    write_json(path.with_suffix(".json"), {**manifest, "file": path.name, "sha256": sha256(path),
-                                            "num_tensors": len(state)})
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------

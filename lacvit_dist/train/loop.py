@@ -15,14 +15,14 @@ import torch
 
 from lacvit_dist import distributed as dist_utils
 from lacvit_dist.io import write_json
-from lacvit_dist.train.checkpoint import find_latest_everywhere, gather_rng_states, load_training_checkpoint, save_state_dict, save_training_checkpoint, set_rng_state, tag_for_step
+from lacvit_dist.train.checkpoint import find_latest_everywhere, gather_rng_states, load_training_checkpoint, save_training_checkpoint, set_rng_state, tag_for_step
 from lacvit_dist.train.restart import changed_settings
 from lacvit_dist.config import Config, ConfigError, check_batch_arithmetic, to_dict
 from lacvit_dist.data.pipeline import BAD_SAMPLE_KINDS, eval_loader, finite_epoch_plan, train_loader
 from lacvit_dist.data.shards import DatasetInfo
 from lacvit_dist.data.transforms import evaluation
 from lacvit_dist.evaluation.passes import evaluate_classifier, evaluate_embeddings, lockstep, skipped_in_bank
-from lacvit_dist.models.export import export_timm
+from lacvit_dist.models.export import EXPORT_DIR, export_timm
 from lacvit_dist.models.factory import ContrastiveModel
 from lacvit_dist.models.memory import count_parameters, estimate_memory, format_memory_estimate
 from lacvit_dist.train.nonfinite import NonFiniteGuard
@@ -192,7 +192,6 @@ def train_stage(cfg: Config, objective: Objective, info: DatasetInfo, stage_dir:
     if saved_at != step:
         save()
     results["export"] = str(_export(cfg, objective, engine, stage_dir, step, info.class_names))
-    results["timm_export"] = str(stage_dir / TIMM_EXPORT)
     results["wall_time_s"] = elapsed_before + time.time() - started
     if rank == 0:
         write_json(stage_dir / "results.json", results)
@@ -298,24 +297,15 @@ class _Evaluator:
         return metrics
 
 
-TIMM_EXPORT = "timm"  # <stage>/timm/: config.json + model.safetensors, timm.create_model("local-dir:...")
-
-
 def _export(cfg: Config, objective: Objective, engine, stage_dir: Path, step: int, class_names: list[str]) -> Path:
-    """Stage 1: the backbone alone (input of stage 2). Others: the whole timm classifier. Written twice from
-    one state dict: <name>.safetensors + <name>.json (what stage 2 and tools/evaluate.py read) and, in timm's
-    own format, <stage>/timm/ (lacvit_dist.models.export)."""
+    """The stage's one output, in timm's own format (lacvit_dist.models.export): stage 1 the backbone alone (the
+    input of stage 2), the others the whole timm classifier."""
     module = engine.module.backbone if isinstance(engine.module, ContrastiveModel) else engine.module
-    name = "backbone.safetensors" if objective.name == "stage1" else "classifier.safetensors"
     state = _full_state_dict(engine, module, cfg.deepspeed.zero_stage)
-    path = stage_dir / name
+    folder = stage_dir / EXPORT_DIR
     if state is not None:
-        save_state_dict(state, path, {"stage": objective.name, "step": step, "model": cfg.model.name,
-                                      "source_checkpoint": str(stage_dir / "checkpoints" / tag_for_step(step)),
-                                      "model_overrides": cfg.model.overrides, "num_classes": objective.num_classes,
-                                      "global_pool": cfg.model.global_pool, "config": to_dict(cfg)})
-        export_timm(module, state, stage_dir / TIMM_EXPORT, stats=objective.stats, class_names=class_names, manifest={
+        export_timm(module, state, folder, stats=objective.stats, class_names=class_names, manifest={
             "stage": objective.name, "step": step, "source_checkpoint": str(stage_dir / "checkpoints" / tag_for_step(step)),
             "config": to_dict(cfg)})
     dist_utils.barrier()
-    return path
+    return folder

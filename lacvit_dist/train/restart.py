@@ -11,6 +11,7 @@ from typing import Any
 
 from lacvit_dist.config import Config, ConfigError, deep_merge, to_dict
 from lacvit_dist.distributed import rank0_decides
+from lacvit_dist.models.export import EXPORT_DIR, read_manifest
 from lacvit_dist.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -95,27 +96,25 @@ def stage_plan(cfg: Config, name: str, run_dir: Path, results: dict[str, dict[st
     source = STAGES[name].trains_on
     if source is None or input_pending:
         return {}
-    backbone = cfg.stage(name).backbone_path or results.get(source, {}).get("export") \
-        or str(run_dir / source / "backbone.safetensors")
-    if not Path(backbone).is_file():
+    backbone = cfg.stage(name).backbone_path or results.get(source, {}).get("export") or str(run_dir / source / EXPORT_DIR)
+    if not Path(backbone).exists():
         raise ConfigError(f"{name}.backbone_path: {backbone} does not exist (run {source} first, or set it)")
     return {"backbone": backbone}
 
 
 def finished_stage_differences(cfg: Config, name: str, stage_dir: Path, results: dict[str, Any]) -> list[str]:
     """The settings that shaped a finished stage's result (`stage_settings`) that `cfg` changes, as
-    'key: recorded -> now', read from the manifest beside the stage's export (its "config", written before
+    'key: recorded -> now', read from the manifest of the stage's export (its "config", written before
     results.json)."""
-    manifest = stage_dir / Path(results.get("export") or "export.safetensors").with_suffix(".json").name
-    try:
-        recorded = json.loads(manifest.read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return [f"(the settings it ran with are unknown: {manifest} is missing or records no config)"]
+    recorded = read_manifest(stage_dir / EXPORT_DIR).get("config")
+    if not isinstance(recorded, dict):
+        return [f"(the settings it ran with are unknown: {stage_dir / EXPORT_DIR / 'config.json'} is missing or "
+                "records no config)"]
     return changed_settings(recorded, cfg, name)
 
 
 def _changed_settings_message(name: str, run_dir: Path, differences: list[str]) -> str:
-    reuse_backbone = (f" (run.stages=[stage2] stage2.backbone_path={run_dir / 'stage1' / 'backbone.safetensors'} "
+    reuse_backbone = (f" (run.stages=[stage2] stage2.backbone_path={run_dir / 'stage1' / EXPORT_DIR} "
                       "trains stage 2 there on this run's stage-1 backbone)" if name == "stage2" else "")
     return (f"run.name: {name} already finished in {run_dir / name} with other settings than this config's: "
             f"{'; '.join(differences)} (finished -> now). Skipping it would report results this config did not "
