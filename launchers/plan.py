@@ -111,10 +111,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def sbatch_script(plan: Plan, stage: str, job_name: str, max_requeues: int) -> str:
     """A plain sbatch script equivalent to the submitit job of `stage` (no submitit needed to run it)."""
-    log_dir = plan.run_dir / "slurm" / "%j"
+    log = plan.run_dir / "slurm" / f"{stage}-%j"  # in a folder that exists: SLURM creates no folders
     opts = {"job-name": f"{job_name}-{stage}", **plan.resources.sbatch_options(),
-            "output": str(log_dir / "%j_log.out"), "error": str(log_dir / "%j_log.err"),
-            "open-mode": "append"}
+            "output": f"{log}.out", "error": f"{log}.err", "open-mode": "append"}
     lines = ["#!/bin/bash"]
     for key, value in opts.items():
         lines.append(f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={value}")
