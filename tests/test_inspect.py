@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from lacvit_dist.data.inspect import main as inspect_main
-from lacvit_dist.data.shards import INFO_FILE, Sample, load_info, write_dataset
+from lacvit_dist.data.shard_writer import write_dataset
+from lacvit_dist.data.shards import INFO_FILE, load_info, Sample
 from lacvit_dist.data.encoding import encode_array
 
 REPO = Path(__file__).resolve().parent.parent

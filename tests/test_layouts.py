@@ -3,7 +3,6 @@ rendezvous) gives exactly the loss sequence of 1 node x 4 ranks with the same co
 data shares and gloo's reduction order are the same; only LOCAL_RANK and each node's thread split differ. And in
 finite epochs the 4 ranks and their workers read every training sample once per epoch."""
 import subprocess
-import sys
 
 from dist_helpers import free_port
 from test_epochs import all_keys, even, finite, keys_of, take  # noqa: F401 (even: a fixture)

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from lacvit_dist.data import make_shards
-from lacvit_dist.data.shards import Sample, load_info, write_dataset
+from lacvit_dist.data.shard_writer import write_dataset
+from lacvit_dist.data.shards import load_info, Sample
 from lacvit_dist.data.encoding import encode_array
 
 REPO = Path(__file__).resolve().parent.parent

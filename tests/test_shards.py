@@ -14,9 +14,8 @@ import pytest
 from PIL import Image
 
 from lacvit_dist.data import make_shards
-from lacvit_dist.data.shards import (
-    INFO_FILE, DatasetInfoError, Sample, SplitInfo, SplitNotFoundError, encoded_samples, load_info, write_dataset,
-)
+from lacvit_dist.data.shard_writer import write_dataset
+from lacvit_dist.data.shards import DatasetInfoError, encoded_samples, INFO_FILE, load_info, Sample, SplitInfo, SplitNotFoundError
 from lacvit_dist.data.encoding import encode_array, encode_file
 from lacvit_dist.data.sources import digits_source, image_folder_source
 from lacvit_dist.data.splits import stratified_split

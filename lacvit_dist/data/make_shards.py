@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from lacvit_dist.data.shards import DatasetInfo, DatasetInfoError, Sample, write_dataset
+from lacvit_dist.data.shard_writer import write_dataset
+from lacvit_dist.data.shards import DatasetInfo, DatasetInfoError, Sample
 from lacvit_dist.data.encoding import encode_many, encode_payload, JPEG_QUALITY
 from lacvit_dist.data.sources import Source, SourceError, SOURCES
 from lacvit_dist.data.splits import stratified_split

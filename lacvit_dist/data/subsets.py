@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from lacvit_dist.data.shards import DatasetInfo, encoded_samples, load_info, write_dataset
+from lacvit_dist.data.shard_writer import write_dataset
+from lacvit_dist.data.shards import DatasetInfo, encoded_samples, load_info
 
 
 def parse_classes(spec: str, num_classes: int) -> list[int]:
