@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install what launchers/local_cluster.py needs for a one-node SLURM cluster (tests/test_slurm.py):
-# slurmctld, slurmd and the client commands, munge, and slurmdbd + MariaDB for accounting (sacct).
+# slurmctld, slurmd and the client commands, munge, and slurmdbd + MariaDB for accounting (sacct); for several nodes
+# on one machine (tests/test_multinode.py: network namespaces) iproute2's `ip` and util-linux's nsenter / unshare.
 # Idempotent and quiet: does nothing when everything is already there. Debian/Ubuntu (apt-get), as root.
 # Starts nothing: Debian's postinst scripts try to start the services, which is refused without systemd
 # (policy-rc.d) and harmless; local_cluster.py starts the daemons by hand.
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
-BINARIES=(slurmctld slurmd sbatch sacct munged slurmdbd mariadbd)
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2 util-linux)
+BINARIES=(slurmctld slurmd sbatch sacct munged slurmdbd mariadbd ip nsenter unshare)
 
 missing=0
 for b in "${BINARIES[@]}"; do

@@ -8,6 +8,7 @@
 
 Without SLURM (or without root) the cluster tests are skipped, except under CI=true where they fail.
 """
+import contextlib
 import json
 import os
 import pickle
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -51,8 +53,9 @@ def job_logs(run_dir: Path, lines: int = 40) -> str:
 
 
 def cluster_logs(run_dir: Path, cluster) -> str:
-    """Job logs plus slurmctld's and slurmd's (why a job failed to launch is only written there)."""
-    return f"{job_logs(run_dir)}\n{local_cluster.daemon_logs(cluster.dir)}"
+    """Job logs, slurmctld's and every node's slurmd log (why a job failed to launch is only written there), and
+    the cluster's status."""
+    return f"{job_logs(run_dir)}\n{local_cluster.daemon_logs(cluster.dir)}\n{local_cluster.status(cluster.dir)}"
 
 
 def jobs_of(run_dir: Path) -> dict[str, str]:
@@ -80,11 +83,17 @@ def slurm_cluster(tmp_path_factory):
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"CI=true: {problem}")
         pytest.skip(problem)
-    directory = tmp_path_factory.mktemp("slurm")
-    state = local_cluster.start(directory, accounting="auto", timeout=90)
+    with running_cluster(tmp_path_factory.mktemp("slurm"), accounting="auto") as state:
+        yield state
+
+
+@contextlib.contextmanager
+def running_cluster(directory: Path, **start: Any) -> Iterator[Any]:
+    """A cluster started in `directory`, its slurm.conf used by every SLURM client here; stopped afterwards."""
     saved = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = state.slurm_conf
     try:
+        state = local_cluster.start(directory, timeout=90, **start)
+        os.environ["SLURM_CONF"] = state.slurm_conf
         yield state
     finally:
         local_cluster.stop(directory)
@@ -94,16 +103,19 @@ def slurm_cluster(tmp_path_factory):
             os.environ["SLURM_CONF"] = saved
 
 
-@pytest.fixture(scope="module")
-def two_stage_run(slurm_cluster, digits_root, tmp_path_factory) -> Path:
-    """stage1 + stage2 submitted by the launcher (stage 2 afterok stage 1), waited for."""
-    out = tmp_path_factory.mktemp("slurm_runs")
-    proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "stage2", "--output-dir", str(out),
+def submit_two_stages(out: Path, resources: list[str], digits_root: Path, cluster) -> Path:
+    """stage1 + stage2 submitted by the launcher (stage 2 afterok stage 1), waited for; the run folder."""
+    proc = submit("--config", str(CONFIG), *resources, "--stages", "stage1", "stage2", "--output-dir", str(out),
                   "--run-name", "two", "--wait", "--wait-timeout-min", "4", f"data.root={digits_root}", *TINY)
     run_dir = out / "two"
     assert proc.returncode == 0, \
-        f"submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{cluster_logs(run_dir, slurm_cluster)}"
+        f"submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{cluster_logs(run_dir, cluster)}"
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(slurm_cluster, digits_root, tmp_path_factory) -> Path:
+    return submit_two_stages(tmp_path_factory.mktemp("slurm_runs"), RESOURCES, digits_root, slurm_cluster)
 
 
 # ----------------------------------------------------------------------------------------------- tests

@@ -10,10 +10,17 @@ from launchers.cluster.state import CLUSTER_NAME, CRED_EXPIRE_S, ClusterState
 def write_slurm_conf(state: ClusterState, cpus: int, memory_mb: int) -> None:
     d = Path(state.dir)
     host = state.hostname
+    multi = state.nodes > 1
+    # Several nodes: slurmctld in the root namespace on the bridge's address, one slurmd per namespace (-N <node>);
+    # their spool, pid and log paths carry the node name (%n), and each node's declared CPUs and memory stand
+    # (config_overrides: every "node" is this same machine).
+    controller = state.net["bridge_addr"] if multi else "127.0.0.1"
     lines = [
-        "# Written by launchers/local_cluster.py: a one-node test cluster; everything lives in this folder.",
+        "# Written by launchers/local_cluster.py: a "
+        + (f"{state.nodes}-node test cluster (network namespaces)" if multi else "one-node test cluster")
+        + "; everything lives in this folder.",
         f"ClusterName={CLUSTER_NAME}",
-        f"SlurmctldHost={host}(127.0.0.1)",
+        f"SlurmctldHost={host}({controller})",
         f"SlurmctldPort={state.ports['slurmctld']}",
         f"SlurmdPort={state.ports['slurmd']}",
         "SlurmUser=root",
@@ -38,11 +45,11 @@ def write_slurm_conf(state: ClusterState, cpus: int, memory_mb: int) -> None:
         "SchedulerType=sched/backfill",
         "SchedulerParameters=batch_sched_delay=1,sched_min_interval=500000",
         f"StateSaveLocation={d / 'state'}",
-        f"SlurmdSpoolDir={d / 'spool'}",
+        f"SlurmdSpoolDir={d / 'spool' / '%n'}" if multi else f"SlurmdSpoolDir={d / 'spool'}",
         f"SlurmctldPidFile={d / 'run' / 'slurmctld.pid'}",
-        f"SlurmdPidFile={d / 'run' / 'slurmd.pid'}",
+        f"SlurmdPidFile={d / 'run' / ('slurmd-%n.pid' if multi else 'slurmd.pid')}",
         f"SlurmctldLogFile={d / 'log' / 'slurmctld.log'}",
-        f"SlurmdLogFile={d / 'log' / 'slurmd.log'}",
+        f"SlurmdLogFile={d / 'log' / ('slurmd-%n.log' if multi else 'slurmd.log')}",
         "SlurmctldDebug=info",
         "SlurmdDebug=info",
         "JobCompType=jobcomp/filetxt",
@@ -54,8 +61,16 @@ def write_slurm_conf(state: ClusterState, cpus: int, memory_mb: int) -> None:
                   f"AccountingStoragePort={state.ports['slurmdbd']}"]
     else:
         lines += ["AccountingStorageType=accounting_storage/none"]
-    lines += [f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
-              f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP"]
+    if multi:
+        nodes = state.net["nodes"]
+        lines += ["SlurmdParameters=config_overrides"]
+        lines += [f"NodeName={n['name']} NodeAddr={n['addr']} NodeHostname={n['name']} CPUs={cpus} "
+                  f"RealMemory={max(1, memory_mb // len(nodes))} State=UNKNOWN" for n in nodes]
+        lines += [f"PartitionName=debug Nodes={','.join(n['name'] for n in nodes)} Default=YES MaxTime=INFINITE "
+                  f"State=UP"]
+    else:
+        lines += [f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
+                  f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP"]
     path = Path(state.slurm_conf)
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o644)

@@ -1,20 +1,34 @@
 """Starting, watching and stopping the test cluster's processes: munge, MariaDB, slurmctld, slurmdbd and slurmd."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import shutil
 import signal
 import socket
+import sys
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 
 from launchers.cluster.state import MUNGE_KEY, MUNGE_SOCKET, ClusterError, ClusterState
 
+# munged is shared by every cluster on the machine (SLURM clients use its system socket). One started by a test
+# cluster is marked (MUNGE_MARK: its pid) and stopped by whichever test cluster stops last, once no SLURM daemon of
+# any cluster is left; a munged running without the mark (the system's) is never stopped. The check is made under
+# MUNGE_LOCK, which a starting cluster holds from its munge check until its first SLURM daemon runs.
+MUNGE_LOCK = Path("/run/lacvit-munge.lock")
+MUNGE_MARK = Path("/run/lacvit-munged.pid")
+SLURM_DAEMONS = ("slurmctld", "slurmd", "slurmstepd", "slurmdbd")
+
 
 def alive(pid: int) -> bool:
+    if pid <= 0:  # no pid recorded (-1: os.kill would signal every process and "succeed")
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -68,10 +82,12 @@ def memory_mb() -> int:
     return 1024
 
 
-def missing_binaries(accounting: bool = False) -> list[str]:
+def missing_binaries(accounting: bool = False, nodes: int = 1) -> list[str]:
     names = ["slurmctld", "slurmd", "sinfo", "sbatch", "munged", "munge"]
     if accounting:
         names += ["slurmdbd", "mariadbd", "mariadb-install-db", "sacctmgr"]
+    if nodes > 1:  # network namespaces (iproute2) and nsenter / unshare / mount (util-linux, mount)
+        names += ["ip", "nsenter", "unshare", "mount"]
     return [n for n in names if shutil.which(n) is None and not Path("/usr/sbin", n).exists()]
 
 
@@ -116,32 +132,99 @@ def start_munge() -> bool:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if munge_works():
+            pid = _munged_pid()
+            if pid is not None:
+                MUNGE_MARK.write_text(f"{pid}\n")
             return True
         time.sleep(0.2)
     raise ClusterError("munged did not answer within 15 s (see /var/log/munge/munged.log)")
 
 
-def stop_munge() -> None:
-    pid_file = MUNGE_SOCKET.parent / "munged.pid"
+def _munged_pid() -> int | None:
     try:
-        terminate("munged", int(pid_file.read_text().strip()))
+        return int((MUNGE_SOCKET.parent / "munged.pid").read_text().strip())
     except (OSError, ValueError):
-        pass
+        return None
+
+
+def stop_munge() -> None:
+    pid = _munged_pid()
+    if pid is not None:
+        terminate("munged", pid)
+
+
+@contextlib.contextmanager
+def munge_lock(timeout: float = 180) -> Iterator[None]:
+    """Machine-wide lock between a cluster's munge check and its first daemon, and a stop's decision to stop munged."""
+    try:
+        fd = os.open(MUNGE_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:  # not root: nothing can be started or stopped anyway
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{MUNGE_LOCK} still locked after {timeout:.0f} s") from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def slurm_daemons_running() -> list[str]:
+    """Live SLURM daemons of any cluster on this machine ("name pid"), zombies aside: they all need munged."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm = (proc / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm in SLURM_DAEMONS and alive(int(proc.name)):
+            found.append(f"{comm} {proc.name}")
+    return found
+
+
+def release_munge() -> None:
+    """A cluster has stopped its daemons: stop munged if a test cluster started it (MUNGE_MARK names the running
+    munged) and no SLURM daemon of any cluster uses it any more; else leave it running."""
+    with munge_lock():
+        try:
+            marked = int(MUNGE_MARK.read_text().strip())
+        except (OSError, ValueError):
+            return  # not started by a test cluster: the system's, left alone
+        if marked != _munged_pid() or not alive(marked):
+            MUNGE_MARK.unlink(missing_ok=True)  # that munged is gone; the running one (if any) is not ours
+            return
+        users = slurm_daemons_running()
+        if users:
+            print(f"local_cluster: leaving munged running, other SLURM daemons use it ({', '.join(users[:4])}); "
+                  f"the last test cluster to stop stops it", file=sys.stderr)
+            return
+        stop_munge()
+        MUNGE_MARK.unlink(missing_ok=True)
 
 
 
-def wait_port(port: int, timeout: float, what: str, log_file: Path, pid: int | None = None) -> None:
+def wait_port(port: int, timeout: float, what: str, log_file: Path, pid: int | None = None,
+              host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return
         except OSError:
             pass
         if pid is not None and not alive(pid):
             raise ClusterError(f"{what} exited during start-up; {log_file}:\n{tail(log_file)}")
         time.sleep(0.2)
-    raise ClusterError(f"{what} did not listen on port {port} within {timeout:.0f} s; {log_file}:\n{tail(log_file)}")
+    raise ClusterError(f"{what} did not listen on {host}:{port} within {timeout:.0f} s; {log_file}:\n{tail(log_file)}")
 
 
 def start_mariadb(state: ClusterState, db_password: str, timeout: float) -> None:

@@ -11,7 +11,7 @@ STATE_FILE = "cluster.json"
 CLUSTER_NAME = "lacvit"
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 MUNGE_KEY = Path("/etc/munge/munge.key")
-DAEMONS = ("slurmctld", "slurmd")  # required; slurmdbd and mariadbd are optional
+DAEMONS = ("slurmctld", "slurmd")  # required on a one-node cluster; slurmdbd and mariadbd are optional
 CRED_EXPIRE_S = 10  # job credential lifetime: also how long a requeued job waits before it may start again
 
 
@@ -28,6 +28,31 @@ class ClusterState:
     pids: dict[str, int] = field(default_factory=dict)  # daemon -> pid, in start order
     ports: dict[str, int] = field(default_factory=dict)
     munge_started: bool = False
+    # Several nodes (launchers/cluster/netns.py): `nodes` slurmd, one per network namespace, each its own host
+    # name; `cluster_id` makes every name (namespaces, bridge, veths) and the subnet unique to this cluster, and
+    # `net` records all of them (written before anything is created, so `stop` can remove what exists).
+    nodes: int = 1
+    cluster_id: str = ""
+    net: dict = field(default_factory=dict)
+
+    @property
+    def node_names(self) -> list[str]:
+        """SLURM's node names: the host name on one node, else node1..nodeN (each namespace's host name)."""
+        if self.nodes <= 1:
+            return [self.hostname]
+        return [node["name"] for node in self.net.get("nodes", [])]
+
+    def slurmd_key(self, node: str) -> str:
+        """The key of a node's slurmd in `pids` ("slurmd" on a one-node cluster, as before)."""
+        return "slurmd" if self.nodes <= 1 else f"slurmd:{node}"
+
+    @property
+    def required_daemons(self) -> tuple[str, ...]:
+        """The daemons without which the cluster is down: slurmctld and every node's slurmd."""
+        return ("slurmctld", *(self.slurmd_key(n) for n in self.node_names)) if self.nodes > 1 else DAEMONS
+
+    def slurmd_log(self, node: str) -> Path:
+        return Path(self.dir) / "log" / ("slurmd.log" if self.nodes <= 1 else f"slurmd-{node}.log")
 
     @property
     def env(self) -> dict[str, str]:

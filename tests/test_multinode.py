@@ -1,0 +1,204 @@
+"""The launcher across a real 2-node SLURM cluster on this one machine (launchers/local_cluster.py --nodes 2: one
+network namespace per node on a bridge, slurmctld in the root namespace, one slurmd per namespace with its own
+host name and an /etc/hosts naming both nodes), 2 CPU tasks per node, 4 gloo ranks across the two nodes:
+
+* `launchers/submit.py --nodes 2 --tasks-per-node 2`: stage 1 then stage 2 (afterok), both COMPLETED on node[1-2],
+  one process group of 4, every test sample counted;
+* the text `--dry-run` prints, run as it is: it writes the plain sbatch script (`srun python train.py ...`) and
+  submits it; the job completes on both nodes (its ranks find the master, node1, by name through the
+  namespace's /etc/hosts);
+* `stop` removes daemons, namespaces, veths and bridge, and may be repeated; a start that fails half-way leaves
+  nothing behind.
+
+Without SLURM, iproute2/util-linux or root the cluster tests are skipped, except under CI=true where they fail.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from test_slurm import CONFIG, TINY, cluster_logs, jobs_of, running_cluster, submit, submit_two_stages
+
+from launchers import local_cluster, status
+from launchers.cluster import daemons, netns
+from launchers.cluster.state import ClusterError, ClusterState
+from lacvit_dist.data.shards import load_info
+
+NODES = 2
+RESOURCES = ["--nodes", str(NODES), "--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout-min", "10"]
+WORLD = NODES * 2
+
+
+def _problem() -> str | None:
+    missing = local_cluster.missing_binaries(nodes=NODES)
+    if missing:
+        return f"a {NODES}-node SLURM cluster needs {', '.join(missing)} (run .ci/install_slurm.sh as root)"
+    if os.geteuid() != 0:
+        return "a local SLURM cluster needs root"
+    return None
+
+
+def _skip_or_fail() -> None:
+    problem = _problem()
+    if problem:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true: {problem}")
+        pytest.skip(problem)
+
+
+def job_fields(job_id: str) -> dict[str, str]:
+    proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+
+
+def wait_for_job(job_id: str, timeout: float, details) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = status.job_states([job_id])[job_id]
+        if state["state"] in status.TERMINAL_STATES:
+            return state
+        time.sleep(1)
+    pytest.fail(f"job {job_id} not finished after {timeout:.0f} s\n{details()}")
+
+
+def _is_slurm_daemon(pid: int) -> bool:
+    """A live (not zombie) slurm* process: a daemon the cluster failed to stop."""
+    try:
+        return daemons.alive(pid) and Path(f"/proc/{pid}/comm").read_text().startswith("slurm")
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def cluster2(tmp_path_factory):
+    """A 2-node cluster for this module (no accounting: the launcher follows jobs through scontrol)."""
+    _skip_or_fail()
+    with running_cluster(tmp_path_factory.mktemp("slurm2"), accounting="none", nodes=NODES) as state:
+        yield state
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(cluster2, digits_root, tmp_path_factory) -> Path:
+    return submit_two_stages(tmp_path_factory.mktemp("multinode_runs"), RESOURCES, digits_root, cluster2)
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+def test_network_plan_is_unique_per_cluster():
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 (ip) is not installed")
+    a, b = netns.plan("a1b2c3", 3, "host"), netns.plan("d4e5f6", 3, "host")
+    names = lambda net: {net["bridge"], *(n[k] for n in net["nodes"] for k in ("netns", "veth", "peer"))}
+    assert not names(a) & names(b)
+    assert all(len(name) <= 15 for net in (a, b) for name in names(net) if not name.startswith("lacvit-"))  # IFNAMSIZ
+    assert [n["name"] for n in a["nodes"]] == ["node1", "node2", "node3"]
+    assert a["subnet"].endswith("/24") and a["bridge_addr"] != a["nodes"][0]["addr"]
+    assert netns.plan("a1b2c3", 2, "host")["subnet"] == a["subnet"]  # derived from the id
+
+
+def test_cluster_has_every_node(cluster2):
+    assert cluster2.nodes == NODES and cluster2.node_names == ["node1", "node2"]
+    text = local_cluster.status(cluster2.dir)
+    for node in cluster2.net["nodes"]:
+        assert re.search(rf"node {node['name']} \({re.escape(node['addr'])}, {node['netns']}, namespace present\): "
+                         rf"slurmd running, idle", text), text
+    conf = Path(cluster2.slurm_conf).read_text()
+    assert f"SlurmctldHost={cluster2.hostname}({cluster2.net['bridge_addr']})" in conf
+    assert "SlurmdParameters=config_overrides" in conf
+    hosts = (Path(cluster2.dir) / "hosts").read_text().splitlines()
+    assert all(f"{node['addr']} {node['name']}" in hosts for node in cluster2.net["nodes"]), hosts
+
+
+def test_two_stage_run_across_two_nodes(two_stage_run, digits_root, cluster2):
+    run_dir = two_stage_run
+    jobs = jobs_of(run_dir)
+    assert set(jobs) == {"stage1", "stage2"}
+    states = status.job_states(list(jobs.values()))
+    assert all(s["state"] == "COMPLETED" for s in states.values()), f"{states}\n{cluster_logs(run_dir, cluster2)}"
+    for job_id in jobs.values():
+        fields = job_fields(job_id)
+        assert fields.get("NumNodes") == str(NODES) and fields.get("NodeList") == "node[1-2]", fields
+    entries = json.loads((run_dir / "jobs.json").read_text())["jobs"]
+    assert entries[1]["depends_on"] == jobs["stage1"]
+
+    s1 = json.loads((run_dir / "stage1" / "results.json").read_text())
+    s2 = json.loads((run_dir / "stage2" / "results.json").read_text())
+    assert s1["world_size"] == WORLD and s2["world_size"] == WORLD  # 4 tasks on 2 nodes formed one process group
+    assert s2["test"]["samples"] == load_info(digits_root).split("test").num_samples  # every test sample, once
+    logs = {p.name for p in (run_dir / "slurm" / jobs["stage1"]).glob("*_log.out")}
+    assert logs == {f"{jobs['stage1']}_{rank}_log.out" for rank in range(WORLD)}
+    rank3 = (run_dir / "slurm" / jobs["stage1"] / f"{jobs['stage1']}_3_log.out").read_text(errors="replace")
+    assert re.search(r"rank 3/4 master node1:\d+", rank3), rank3[-3000:]  # the master by name, not 127.0.0.1
+
+
+def dry_run(digits_root: Path, out: Path, name: str) -> str:
+    """The text `submit.py --dry-run` prints for a 2-node x 2-task stage 1 (sbatch scripts + the sbatch calls)."""
+    proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "--output-dir", str(out),
+                  "--run-name", name, "--dry-run", f"data.root={digits_root}", *TINY, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --ntasks-per-node=2" in proc.stdout
+    assert re.search(r"\nsrun --unbuffered \S*python\S* \S*train\.py ", proc.stdout), proc.stdout
+    return proc.stdout
+
+
+def plain_logs(run_dir: Path, cluster: ClusterState) -> str:
+    logs = sorted(p for p in (run_dir / "slurm").rglob("*") if p.suffix in (".out", ".err"))
+    text = "\n".join(f"---- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:]) for p in logs)
+    return f"{text or '(no job logs)'}\n{local_cluster.daemon_logs(cluster.dir)}\n{local_cluster.status(cluster.dir)}"
+
+
+def test_plain_sbatch_script_across_two_nodes(cluster2, digits_root, tmp_path):
+    """The dry run's text as printed: it writes the sbatch script (srun python train.py ...) and submits it."""
+    text = dry_run(digits_root, tmp_path, "plain")
+    run_dir = tmp_path / "plain"
+    sub = subprocess.run(["bash", "-c", text], cwd=REPO, capture_output=True, text=True, timeout=60)
+    match = re.search(r"stage1: job (\d+)", sub.stdout)
+    assert sub.returncode == 0 and match, sub.stdout + sub.stderr
+    job_id = match.group(1)
+    state = wait_for_job(job_id, 200, lambda: plain_logs(run_dir, cluster2))
+    assert state["state"] == "COMPLETED", f"{state}\n{plain_logs(run_dir, cluster2)}"
+    fields = job_fields(job_id)
+    assert fields.get("NumNodes") == str(NODES) and fields.get("NodeList") == "node[1-2]", fields
+    results = json.loads((run_dir / "stage1" / "results.json").read_text())
+    assert results["world_size"] == WORLD and results["steps"] == 2
+
+
+def test_failed_start_leaves_nothing(cluster2, tmp_path, monkeypatch):
+    """slurmd of node2 fails to start: start() raises, and everything it made is gone (slurmctld, node1's slurmd,
+    namespaces, veths, bridge), while the module's cluster keeps running."""
+    real = netns.start_slurmd
+
+    def failing(state, node, *args, **kwargs):
+        if node["name"] == "node2":
+            raise ClusterError("node2 refused (test)")
+        return real(state, node, *args, **kwargs)
+
+    monkeypatch.setattr(netns, "start_slurmd", failing)
+    directory = tmp_path / "broken"
+    with pytest.raises(ClusterError, match="node2 refused"):
+        local_cluster.start(directory, accounting="none", timeout=60, nodes=NODES)
+    state = ClusterState.load(directory)
+    assert state is not None and state.net and state.cluster_id != cluster2.cluster_id
+    assert state.net["subnet"] != cluster2.net["subnet"] and state.net["bridge"] != cluster2.net["bridge"]
+    assert netns.leftovers(state.net) == []
+    assert state.pids == {}
+    assert local_cluster.status(cluster2.dir).count("slurmd running, idle") == NODES  # the other cluster is intact
+
+
+def test_stop_removes_everything_and_is_idempotent(cluster2):
+    """Last: stops the module's cluster itself (the fixture's own stop is then a no-op)."""
+    pids = dict(cluster2.pids)
+    local_cluster.stop(cluster2.dir)
+    state = ClusterState.load(cluster2.dir)
+    assert netns.leftovers(state.net) == [], netns.leftovers(state.net)
+    assert state.pids == {} and not any(_is_slurm_daemon(pid) for pid in pids.values()), pids
+    local_cluster.stop(cluster2.dir)  # again: nothing left to do, no error
+    assert "NOT running" in local_cluster.status(cluster2.dir)
