@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from test_slurm import CONFIG, TINY, cluster_logs, jobs_of, running_cluster, submit, submit_two_stages
+from test_slurm import (CONFIG, TINY, cluster_logs, jobs_of, running_cluster, signal_requeue_resume, submit,
+                        submit_two_stages)
 
 from launchers import local_cluster, status
 from launchers.cluster import daemons, netns
@@ -202,3 +203,15 @@ def test_stop_removes_everything_and_is_idempotent(cluster2):
     assert state.pids == {} and not any(_is_slurm_daemon(pid) for pid in pids.values()), pids
     local_cluster.stop(cluster2.dir)  # again: nothing left to do, no error
     assert "NOT running" in local_cluster.status(cluster2.dir)
+
+
+def test_signal_on_two_nodes_checkpoints_into_one_folder_requeues_and_resumes(cluster2, digits_root, tmp_path):
+    """USR1 to a 2-node job under ZeRO-2: the 4 ranks (2 per node) write their optimizer partitions into one
+    checkpoint folder with one `latest` and one completion marker, rank 0 requeues, and the job resumes on both
+    nodes with no step lost."""
+    run_dir = signal_requeue_resume(cluster2, digits_root, tmp_path, RESOURCES, WORLD, "deepspeed.zero_stage=2")
+    checkpoints = run_dir / "stage1" / "checkpoints"
+    tag = (checkpoints / "latest").read_text().strip()
+    assert (checkpoints / tag / "lacvit_complete.json").is_file()
+    partitions = sorted(p.name for p in (checkpoints / tag).glob("*optim_states.pt"))
+    assert len(partitions) == WORLD, partitions  # one per rank, from both nodes

@@ -216,10 +216,17 @@ def test_world_from_slurm_variables_uses_loopback_on_one_node(monkeypatch):
 
 
 def test_signal_checkpoints_requeues_and_resumes(slurm_cluster, digits_root, tmp_path):
+    signal_requeue_resume(slurm_cluster, digits_root, tmp_path, RESOURCES, world=2)
+
+
+def signal_requeue_resume(cluster, digits_root: Path, tmp_path: Path, resources: list[str], world: int,
+                          *overrides: str) -> Path:
+    """SIGUSR1 mid-training: every rank checkpoints, rank 0 requeues while the others wait for it, the job
+    resumes from the checkpoint (no step lost, none redone) and completes; returns the run folder."""
     steps = 120
-    proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "--output-dir", str(tmp_path),
+    proc = submit("--config", str(CONFIG), *resources, "--stages", "stage1", "--output-dir", str(tmp_path),
                   "--run-name", "rq", "--max-requeues", "2", f"data.root={digits_root}", *TINY,
-                  f"stage1.steps_per_epoch={steps}", "stage1.log_every_steps=5", timeout=60)
+                  f"stage1.steps_per_epoch={steps}", "stage1.log_every_steps=5", *overrides, timeout=60)
     run_dir = tmp_path / "rq"
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = jobs_of(run_dir)["stage1"]
@@ -232,7 +239,7 @@ def test_signal_checkpoints_requeues_and_resumes(slurm_cluster, digits_root, tmp
         return status.job_states([job_id])[job_id]
 
     def details() -> str:
-        return f"{state()}\n{cluster_logs(run_dir, slurm_cluster)}"
+        return f"{state()}\n{cluster_logs(run_dir, cluster)}"
 
     wait_until(lambda: re.search(rf"step (1\d|[2-9]\d|1\d\d)/{steps}\b", rank_log(0)), 120,
                "stage 1 to train 10 steps", details)
@@ -249,12 +256,16 @@ def test_signal_checkpoints_requeues_and_resumes(slurm_cluster, digits_root, tmp
     assert json.loads((job_dir / "requeue_0.json").read_text())["requeued"] is True, details()
     text = rank_log(0)
     assert re.search(r"stop requested .* exiting with code 75", text), details()
-    # rank 1 stayed until rank 0 had requeued the job
-    assert re.search(rf"rank 1: rank 0 is done: checkpoint saved, job {job_id} requeued", rank_log(1)), details()
+    for rank in range(1, world):  # the other ranks stayed until rank 0 had requeued the job
+        assert re.search(rf"rank {rank}: rank 0 is done: checkpoint saved, job {job_id} requeued",
+                         rank_log(rank)), details()
     match = re.search(rf"resumed from \S+ at step (\d+)/{steps}", text)
     assert match and 10 <= int(match.group(1)) < steps, details()  # continued, did not start over
     results = json.loads((run_dir / "stage1" / "results.json").read_text())
-    assert results["steps"] == steps and results["world_size"] == 2
+    assert results["steps"] == steps and results["world_size"] == world
+    logged = [entry["step"] for entry in results["train_log"]]
+    assert logged == list(range(5, steps + 1, 5)), details()  # every logged step once: none lost, none redone
+    return run_dir
 
 
 def test_failed_requeue_is_not_counted_and_other_ranks_wait_for_rank0(slurm_cluster, tmp_path, monkeypatch):
