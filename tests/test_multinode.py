@@ -172,6 +172,18 @@ def test_plain_sbatch_script_across_two_nodes(cluster2, digits_root, tmp_path):
     assert results["world_size"] == WORLD and results["steps"] == 2
 
 
+def test_signal_on_two_nodes_checkpoints_into_one_folder_requeues_and_resumes(cluster2, digits_root, tmp_path):
+    """USR1 to a 2-node job under ZeRO-2: the 4 ranks (2 per node) write their optimizer partitions into one
+    checkpoint folder with one `latest` and one completion marker, rank 0 requeues, and the job resumes on both
+    nodes with no step lost."""
+    run_dir = signal_requeue_resume(cluster2, digits_root, tmp_path, RESOURCES, WORLD, "deepspeed.zero_stage=2")
+    checkpoints = run_dir / "stage1" / "checkpoints"
+    tag = (checkpoints / "latest").read_text().strip()
+    assert (checkpoints / tag / "lacvit_complete.json").is_file()
+    partitions = sorted(p.name for p in (checkpoints / tag).glob("*optim_states.pt"))
+    assert len(partitions) == WORLD, partitions  # one per rank, from both nodes
+
+
 def test_failed_start_leaves_nothing(cluster2, tmp_path, monkeypatch):
     """slurmd of node2 fails to start: start() raises, and everything it made is gone (slurmctld, node1's slurmd,
     namespaces, veths, bridge), while the module's cluster keeps running."""
@@ -203,15 +215,3 @@ def test_stop_removes_everything_and_is_idempotent(cluster2):
     assert state.pids == {} and not any(_is_slurm_daemon(pid) for pid in pids.values()), pids
     local_cluster.stop(cluster2.dir)  # again: nothing left to do, no error
     assert "NOT running" in local_cluster.status(cluster2.dir)
-
-
-def test_signal_on_two_nodes_checkpoints_into_one_folder_requeues_and_resumes(cluster2, digits_root, tmp_path):
-    """USR1 to a 2-node job under ZeRO-2: the 4 ranks (2 per node) write their optimizer partitions into one
-    checkpoint folder with one `latest` and one completion marker, rank 0 requeues, and the job resumes on both
-    nodes with no step lost."""
-    run_dir = signal_requeue_resume(cluster2, digits_root, tmp_path, RESOURCES, WORLD, "deepspeed.zero_stage=2")
-    checkpoints = run_dir / "stage1" / "checkpoints"
-    tag = (checkpoints / "latest").read_text().strip()
-    assert (checkpoints / tag / "lacvit_complete.json").is_file()
-    partitions = sorted(p.name for p in (checkpoints / tag).glob("*optim_states.pt"))
-    assert len(partitions) == WORLD, partitions  # one per rank, from both nodes
