@@ -6,6 +6,7 @@ Every error names the offending field by its dotted path (and the file it came f
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -417,3 +418,24 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the merged config (what actually ran) as YAML, atomically."""
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def flatten_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'overrides': {'depth': 2}}} -> {'model.overrides.depth': 2}; values JSON-normalised (lists,
+    not tuples), so that a config and one read back from JSON compare equal."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):  # an empty mapping (no model.overrides) adds no key
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.loads(json.dumps(value))
+    return flat
+
+
+_UNSET = "(not set)"
+
+
+def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: recorded -> current' for every dotted key whose value differs (or is set on one side only)."""
+    return [f"{key}: {json.dumps(recorded.get(key, _UNSET))} -> {json.dumps(current.get(key, _UNSET))}"
+            for key in sorted(set(recorded) | set(current)) if recorded.get(key, _UNSET) != current.get(key, _UNSET)]

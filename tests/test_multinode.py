@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from test_slurm import (CONFIG, TINY, cluster_logs, jobs_of, running_cluster, signal_requeue_resume, submit,
+from test_slurm import (CONFIG, TINY, both_stages_completed, running_cluster, signal_requeue_resume, submit,
                         submit_two_stages)
 
 from launchers import local_cluster, status
@@ -120,10 +120,7 @@ def test_cluster_has_every_node(cluster2):
 
 def test_two_stage_run_across_two_nodes(two_stage_run, digits_root, cluster2):
     run_dir = two_stage_run
-    jobs = jobs_of(run_dir)
-    assert set(jobs) == {"stage1", "stage2"}
-    states = status.job_states(list(jobs.values()))
-    assert all(s["state"] == "COMPLETED" for s in states.values()), f"{states}\n{cluster_logs(run_dir, cluster2)}"
+    jobs = both_stages_completed(run_dir, cluster2)
     for job_id in jobs.values():
         fields = job_fields(job_id)
         assert fields.get("NumNodes") == str(NODES) and fields.get("NodeList") == "node[1-2]", fields

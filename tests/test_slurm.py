@@ -120,12 +120,18 @@ def two_stage_run(slurm_cluster, digits_root, tmp_path_factory) -> Path:
 
 # ----------------------------------------------------------------------------------------------- tests
 
-def test_two_stage_run_on_slurm(two_stage_run, digits_root, slurm_cluster):
-    run_dir = two_stage_run
+def both_stages_completed(run_dir: Path, cluster) -> dict[str, str]:
+    """The run's stage1 and stage2 job ids, after checking that SLURM ended both COMPLETED."""
     jobs = jobs_of(run_dir)
     assert set(jobs) == {"stage1", "stage2"}
     states = status.job_states(list(jobs.values()))
-    assert all(s["state"] == "COMPLETED" for s in states.values()), f"{states}\n{cluster_logs(run_dir, slurm_cluster)}"
+    assert all(s["state"] == "COMPLETED" for s in states.values()), f"{states}\n{cluster_logs(run_dir, cluster)}"
+    return jobs
+
+
+def test_two_stage_run_on_slurm(two_stage_run, digits_root, slurm_cluster):
+    run_dir = two_stage_run
+    jobs = both_stages_completed(run_dir, slurm_cluster)
     entries = json.loads((run_dir / "jobs.json").read_text())["jobs"]
     assert entries[1]["depends_on"] == jobs["stage1"]  # stage 2 waited for stage 1 (afterok)
     submission = next((run_dir / "slurm" / jobs["stage2"]).glob("*_submission.sh")).read_text()

@@ -19,7 +19,7 @@ from lacvit_dist.data.transforms import ImageStats
 from lacvit_dist.models.export import read_weights
 from lacvit_dist.models.layouts import _short, head_parameter_names, load_pretrained_backbone, load_state_dict_file
 from lacvit_dist.models.pretrained import load_timm_weights
-from lacvit_dist.train.restart import flatten_settings, settings_differences
+from lacvit_dist.config import flatten_settings, settings_differences
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ same step, so all ranks save the same checkpoint and leave together. Then the pr
 """
 from __future__ import annotations
 
-import logging
 import signal
 import time
 from types import FrameType
@@ -20,7 +19,6 @@ import torch
 
 from lacvit_dist.distributed import any_rank, max_over_ranks
 
-log = logging.getLogger(__name__)
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again". A preempted / time-limited run that saved a
 # checkpoint exits with it; launchers requeue on it (submitit: raise from checkpoint(); a plain sbatch script:

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lacvit_dist.config import Config, ConfigError, deep_merge, to_dict
+from lacvit_dist.config import Config, ConfigError, deep_merge, flatten_settings, settings_differences, to_dict
 from lacvit_dist.distributed import rank0_decides
 from lacvit_dist.models.export import EXPORT_DIR, read_manifest
 from lacvit_dist.stages import STAGES
@@ -24,18 +24,6 @@ log = logging.getLogger(__name__)
 _NOT_SHAPING = ("model.activation_checkpointing", "model.checkpoint_offload", "data.allow_pipe_urls",
                 "deepspeed.backend", "deepspeed.compile", "deepspeed.compile_backend")
 _STAGE1_ONLY = ("model.proj_hidden_dim", "model.proj_dim")  # the projection head exists in stage 1 only
-
-
-def flatten_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'model': {'overrides': {'depth': 2}}} -> {'model.overrides.depth': 2}; values JSON-normalised (lists,
-    not tuples), so that a config and one read back from JSON compare equal."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):  # an empty mapping (no model.overrides) adds no key
-            flat.update(flatten_settings(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.loads(json.dumps(value))
-    return flat
 
 
 def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -53,15 +41,6 @@ def changed_settings(recorded: dict[str, Any], cfg: Config, stage: str) -> list[
     (added to the schema later) counts at its default."""
     recorded = deep_merge(to_dict(Config()), recorded)
     return settings_differences(stage_settings(recorded, stage), stage_settings(to_dict(cfg), stage))
-
-
-_UNSET = "(not set)"
-
-
-def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: recorded -> current' for every dotted key whose value differs (or is set on one side only)."""
-    return [f"{key}: {json.dumps(recorded.get(key, _UNSET))} -> {json.dumps(current.get(key, _UNSET))}"
-            for key in sorted(set(recorded) | set(current)) if recorded.get(key, _UNSET) != current.get(key, _UNSET)]
 
 
 def decide_stage(cfg: Config, name: str, run_dir: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:

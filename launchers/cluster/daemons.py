@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 
+from launchers.cluster import netns
 from launchers.cluster.state import MUNGE_KEY, MUNGE_SOCKET, ClusterError, ClusterState
 
 # munged is shared by every cluster on the machine (SLURM clients use its system socket). One started by a test
@@ -87,7 +88,7 @@ def missing_binaries(accounting: bool = False, nodes: int = 1) -> list[str]:
     if accounting:
         names += ["slurmdbd", "mariadbd", "mariadb-install-db", "sacctmgr"]
     if nodes > 1:  # network namespaces (iproute2) and nsenter / unshare / mount (util-linux, mount)
-        names += ["ip", "nsenter", "unshare", "mount"]
+        names += list(netns.TOOLS)
     return [n for n in names if shutil.which(n) is None and not Path("/usr/sbin", n).exists()]
 
 
