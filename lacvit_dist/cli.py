@@ -103,15 +103,22 @@ def main(argv: list[str] | None = None) -> int:
         if world.rank == 0:
             print(f"config error: {err}", file=sys.stderr)
         return 2
-    with dist_utils.job(cfg.run.device, cfg.deepspeed.backend, timeout_s=cfg.run.collective_timeout_s):
-        try:
-            results = run(cfg)
-        except StopRequested:
-            return REQUEUE_EXIT_CODE
-        except (ConfigError, FileNotFoundError, ValueError) as err:
-            log.error("error: %s", err)
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    try:
+        with dist_utils.job(cfg.run.device, cfg.deepspeed.backend, timeout_s=cfg.run.collective_timeout_s):
+            try:
+                results = run(cfg)
+            except StopRequested:
+                return REQUEUE_EXIT_CODE
+            except (ConfigError, FileNotFoundError, ValueError) as err:
+                log.error("error: %s", err)
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+    except Exception as err:  # a peer died, hung or was cut off: the launcher requeues, the restart resumes
+        if not dist_utils.is_lost_peer(err):
+            raise
+        log.error("rank %d lost a peer in a collective (%s: %s); exiting with code %d for a requeue",
+                  world.rank, type(err).__name__, err, dist_utils.LOST_PEER_EXIT_CODE)
+        return dist_utils.LOST_PEER_EXIT_CODE
     if world.rank == 0:
         print(format_table(results), flush=True)
     return 0

@@ -120,6 +120,13 @@ def init_distributed(world: WorldInfo, backend: str, timeout_s: float | None = N
     # Wraps an already-initialised torch process group instead of creating one.
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **timeout)
+    from deepspeed.utils import groups
+
+    if timeout and groups._WORLD_GROUP is None:
+        # DeepSpeed runs its own collectives (ZeRO's reductions, gradient clipping) on a clone of the world group
+        # that it makes on first use, and torch gives a group made without a timeout the 30-minute default, not
+        # the world's: without this clone a rank waiting for a hung peer there would ignore timeout_s.
+        groups._WORLD_GROUP = dist.new_group(ranks=range(dist.get_world_size()), **timeout)
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,31 @@ def job(device: str = "auto", backend: str = "auto", seed: int | None = None,
             # Through DeepSpeed, which also forgets the groups it cached: a second job in this process (two
             # stages under submitit's debug executor) would otherwise meet groups of the destroyed world.
             deepspeed.comm.destroy_process_group()
+
+
+# EX_PROTOCOL from sysexits.h ("remote error in protocol"): the run stopped because a peer rank was lost (its
+# process died, hung or was cut off) in a collective. Launchers requeue on it like on REQUEUE_EXIT_CODE (75); the
+# restart resumes from the latest checkpoint.
+LOST_PEER_EXIT_CODE = 76
+
+# What a collective raises when a peer is gone: gloo's transport errors (a dead process resets or closes the
+# connection; a hung or cut-off one runs into the timeout, run.collective_timeout_s) and the c10d store's.
+_LOST_PEER_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out waiting",
+                       "Socket Timeout", "Connection refused", "NCCL communicator was aborted")
+
+
+def is_lost_peer(err: BaseException) -> bool:
+    """Whether `err` (or an exception it was raised from) says a peer rank was lost in a collective, rather
+    than that this rank's program failed. torch's DistError family (NCCL errors raised when the watchdog aborts
+    a communicator, store and network errors) counts as lost peers too."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, dist.DistError) or (isinstance(err, RuntimeError)
+                                              and any(m in str(err) for m in _LOST_PEER_MESSAGES)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def world_size() -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from launchers.slurm_job import PREEMPT_SIGNAL, StageSpec
+from lacvit_dist.distributed import LOST_PEER_EXIT_CODE
 from lacvit_dist.stages import STAGES
 from lacvit_dist.train.preemption import REQUEUE_EXIT_CODE
 from lacvit_dist.train.restart import stage_plan
@@ -129,8 +130,11 @@ def sbatch_script(plan: Plan, stage: str, job_name: str, max_requeues: int) -> s
         "# one task per GPU; rank/world/master from SLURM_PROCID/SLURM_NTASKS/SLURM_JOB_NODELIST (lacvit_dist)",
         f"srun --unbuffered {shlex.join(train)}",
         "rc=$?",
-        f"# {REQUEUE_EXIT_CODE}: a checkpoint was saved after SIGUSR1/SIGTERM; requeue, the restart resumes it",
-        f'if [ "$rc" -eq {REQUEUE_EXIT_CODE} ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then',
+        f"# {REQUEUE_EXIT_CODE}: a checkpoint was saved after SIGUSR1/SIGTERM; {LOST_PEER_EXIT_CODE}: a rank lost a peer; "
+        "> 128: a task was killed (srun reports the highest exit code of the tasks, so a bug on one rank whose peers",
+        "# then lost it reads 76 too and is retried up to the limit). Requeue: the restart resumes from `latest`.",
+        f'if {{ [ "$rc" -eq {REQUEUE_EXIT_CODE} ] || [ "$rc" -eq {LOST_PEER_EXIT_CODE} ] || [ "$rc" -gt 128 ]; }} '
+        f'&& [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "fi",
         'exit "$rc"',

@@ -15,9 +15,17 @@ requeue. The restarted job resumes the unfinished stage from its latest checkpoi
 counted per stage in `<run>/slurm/requeues.json`, against `--max-requeues`; a failing `scontrol requeue` (SLURM
 already requeueing a preempted job) is logged, not counted. A job signalled before training started is requeued
 by submitit's own handler, which calls `checkpoint()` (counted there).
+
+A lost peer: when a rank's process dies, hangs or is cut off (its node failed), the others fail in a collective
+at once (a reset connection) or after `run.collective_timeout_s` and leave the trainer with `LOST_PEER_EXIT_CODE`
+(76). The first of them to claim it requeues the job the same way (counted against --max-requeues), unless a rank
+recorded a failure of its own program (`failed_<restart>_rank<k>.json`; a bug is not retried). The restart
+resumes from the latest checkpoint. A node that SLURM sees fail (NODE_FAIL) is requeued by SLURM itself
+(`--requeue`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import socket
@@ -25,14 +33,16 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from lacvit_dist.distributed import LOST_PEER_EXIT_CODE
 from lacvit_dist.io import read_json, write_json
 from lacvit_dist.train.preemption import REQUEUE_EXIT_CODE
 
 REQUEUES_FILE = "requeues.json"
 PREEMPT_SIGNAL = "USR1"
-RANK0_REQUEUE_WAIT_S = 90.0  # rank 0's `scontrol requeue` has 60 s
+LEADER_REQUEUE_WAIT_S = 90.0  # the requeueing rank's `scontrol requeue` has 60 s
+FAILURE_REPORT_GRACE_S = 3.0  # how long the requeueing rank gives a failing peer to record its own error
 
 
 @dataclass(frozen=True)
@@ -64,43 +74,62 @@ class SlurmStageJob:
         argv = ["--config", spec.config, *spec.overrides, "--stages", spec.stage]  # --stages last: it takes 1+
         print(f"[lacvit launcher] {spec.stage}: rank {world['RANK']}/{world['WORLD_SIZE']} master "
               f"{world['MASTER_ADDR']}:{world['MASTER_PORT']}; train.py {shlex.join(argv)}", flush=True)
+        rank = int(world["RANK"])
         try:
             code = main(argv)
         except SystemExit as exit_:  # the trainer may leave with sys.exit(75)
             code = exit_.code if isinstance(exit_.code, int) else 1
+        except BaseException as err:
+            _record_failure(spec.run_dir, rank, f"{type(err).__name__}: {err}")  # so that no peer requeues
+            raise
         if code == 0:
             results = read_json(Path(spec.run_dir) / spec.stage / "results.json", {})
             return {"stage": spec.stage, "steps": results.get("steps"), "test": results.get("test", {}).get("top1")}
-        if code == REQUEUE_EXIT_CODE:
-            self._requeue_after_checkpoint(int(world["RANK"]))
-        raise RuntimeError(f"train.py --stages {spec.stage} exited with code {code} (rank {world['RANK']}); "
+        if code in (REQUEUE_EXIT_CODE, LOST_PEER_EXIT_CODE):
+            self._requeue(rank, code)
+        _record_failure(spec.run_dir, rank, f"train.py exited with code {code}")
+        raise RuntimeError(f"train.py --stages {spec.stage} exited with code {code} (rank {rank}); "
                            f"logs in {_job_folder(spec.run_dir)}")
 
-    def _requeue_after_checkpoint(self, rank: int) -> None:
-        """The trainer saved a checkpoint on every rank and asked for a requeue (exit code 75).
+    def _requeue(self, rank: int, code: int) -> NoReturn:
+        """The trainer asked for a requeue: it saved a checkpoint on every rank to stop (code 75), or this rank
+        lost a peer in a collective (code 76: a process died, hung or was cut off; the restart resumes from the
+        latest checkpoint).
 
-        Rank 0 requeues the whole job; the other ranks wait until it has tried (a marker file in the job's log
-        folder), because a task that exits early can make SLURM end the step, rank 0 with it, before the requeue.
-        A failed `scontrol requeue` (e.g. SLURM already requeues the preempted job) is logged, not counted against
-        --max-requeues, and the task still leaves with 75."""
+        One rank requeues the whole job: rank 0 after a checkpoint; after a lost peer, the first surviving rank to
+        claim it, once it has given the others a moment to report a failure of their own program (a bug is not
+        retried: the job fails). The other ranks wait until it has tried (a marker file in the job's log folder),
+        because a task that exits early can make SLURM end the step, the requeueing rank with it. A failed
+        `scontrol requeue` (e.g. SLURM already requeues the preempted job) is logged, not counted against
+        --max-requeues, and the task still leaves with its code."""
         import submitit
 
-        env = submitit.JobEnvironment()
-        marker = _job_folder(self.spec.run_dir) / f"requeue_{os.environ.get('SLURM_RESTART_COUNT', '0')}.json"
-        if rank != 0:
-            _wait_for_rank0(marker, rank)
-            raise SystemExit(REQUEUE_EXIT_CODE)
+        folder = _job_folder(self.spec.run_dir)
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        marker = folder / f"requeue_{restart}.json"
+        lost_peer = code == LOST_PEER_EXIT_CODE
+        leader = _claim(folder / f"lost_peer_{restart}.claim", rank) if lost_peer else 0
+        if rank != leader:
+            _wait_for_requeue(marker, rank, leader, "lost a peer" if lost_peer else "checkpoint saved")
+            raise SystemExit(code)
         try:
-            outcome = self._requeue_job(env)
+            failures = _failures(folder, restart) if lost_peer else []
+            if failures:
+                outcome = {"requeued": False, "reason": f"not requeued: {failures[0]}"}
+            else:
+                outcome = self._requeue_job(submitit.JobEnvironment(),
+                                            "a peer rank was lost" if lost_peer else "checkpoint saved")
         except BaseException as err:  # the others must not wait for nothing
-            write_json(marker, {"requeued": False, "reason": f"rank 0: {err}"})
+            write_json(marker, {"requeued": False, "rank": rank, "reason": f"rank {rank}: {err}"})
             raise
-        write_json(marker, outcome)
+        write_json(marker, {**outcome, "rank": rank})
         print(f"[lacvit launcher] {self.spec.stage}: {outcome['reason']}", flush=True)
-        raise SystemExit(REQUEUE_EXIT_CODE)
+        if failures:
+            raise RuntimeError(f"{self.spec.stage}: {outcome['reason']}")
+        raise SystemExit(code)
 
-    def _requeue_job(self, env) -> dict[str, Any]:
-        """Rank 0: resubmission pickle + `scontrol requeue`; returns {"requeued": bool, "reason": str}."""
+    def _requeue_job(self, env, why: str) -> dict[str, Any]:
+        """Resubmission pickle + `scontrol requeue`; returns {"requeued": bool, "reason": str}."""
         import submitit
 
         resume = f"the run is resumable: resubmit with --run-name {Path(self.spec.run_dir).name}"
@@ -123,11 +152,11 @@ class SlurmStageJob:
         except (OSError, subprocess.TimeoutExpired) as err:
             error = str(err)
         if error:
-            return {"requeued": False, "reason": f"checkpoint saved; `scontrol requeue {env.job_id}` failed "
+            return {"requeued": False, "reason": f"{why}; `scontrol requeue {env.job_id}` failed "
                     f"({error}), not counted against --max-requeues (SLURM may be requeueing "
                     f"the job itself, e.g. on preemption); otherwise {resume}"}
         self._add_requeue()
-        return {"requeued": True, "reason": f"checkpoint saved, job {env.job_id} requeued"}
+        return {"requeued": True, "reason": f"{why}, job {env.job_id} requeued"}
 
     # ------------------------------------------------------------------------------------------ submitit hook
     def checkpoint(self, *args: Any, **kwargs: Any):
@@ -165,18 +194,50 @@ def _job_folder(run_dir: str) -> Path:
     return Path(env.paths.folder) if "SUBMITIT_FOLDER" in os.environ else Path(run_dir) / "slurm" / str(env.job_id)
 
 
-def _wait_for_rank0(marker: Path, rank: int, timeout_s: float = RANK0_REQUEUE_WAIT_S) -> None:
-    """A non-zero rank after the checkpoint-and-stop: stay alive until rank 0 has tried to requeue the job."""
-    print(f"[lacvit launcher] rank {rank}: checkpoint saved, waiting for rank 0 to requeue the job", flush=True)
+def _wait_for_requeue(marker: Path, rank: int, leader: int, why: str,
+                      timeout_s: float = LEADER_REQUEUE_WAIT_S) -> None:
+    """A rank that does not requeue: stay alive until the leader has tried to requeue the job."""
+    print(f"[lacvit launcher] rank {rank}: {why}, waiting for rank {leader} to requeue the job", flush=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         outcome = read_json(marker, None)
         if outcome is not None:
-            print(f"[lacvit launcher] rank {rank}: rank 0 is done: {outcome.get('reason')}", flush=True)
+            print(f"[lacvit launcher] rank {rank}: rank {leader} is done: {outcome.get('reason')}", flush=True)
             return
         time.sleep(0.5)
-    print(f"[lacvit launcher] rank {rank}: no word from rank 0 after {timeout_s:.0f} s ({marker} missing); "
+    print(f"[lacvit launcher] rank {rank}: no word from rank {leader} after {timeout_s:.0f} s ({marker} missing); "
           f"leaving anyway", flush=True)
+
+
+def _claim(path: Path, rank: int) -> int:
+    """The rank that requeues after a lost peer: the first to create `path` (every surviving rank tries)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        for _ in range(20):  # the winner writes its rank right after creating the file
+            text = path.read_text().strip()
+            if text:
+                return int(text)
+            time.sleep(0.05)
+        return -1
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{rank}\n")
+    return rank
+
+
+def _record_failure(run_dir: str, rank: int, error: str) -> None:
+    """This rank's program failed (not a lost peer): a peer that lost this rank must not requeue the job."""
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    with contextlib.suppress(Exception):  # never hide the error being reported
+        write_json(_job_folder(run_dir) / f"failed_{restart}_rank{rank}.json", {"rank": rank, "error": error})
+
+
+def _failures(folder: Path, restart: str) -> list[str]:
+    """'rank k failed: <error>' for every rank of this run of the job that recorded its own failure, after a
+    moment for them to record it (their peers saw the broken connection at the same time)."""
+    time.sleep(FAILURE_REPORT_GRACE_S)
+    return [f"rank {entry['rank']} failed: {entry['error']}" for entry in
+            (read_json(p, {}) for p in sorted(folder.glob(f"failed_{restart}_rank*.json"))) if entry]
 
 
 def _export_world() -> dict[str, str]:

@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent("""
@@ -41,33 +43,38 @@ def test_two_jobs_in_one_process():
 
 PEER = textwrap.dedent("""
     import os, sys, time, torch
+    from deepspeed.utils import groups
     from lacvit_dist.distributed import job
 
-    rank, mode = int(os.environ["RANK"]), sys.argv[1]
+    rank, mode, on = int(os.environ["RANK"]), sys.argv[1], sys.argv[2]
     with job(device="cpu", timeout_s=4) as started:
-        torch.distributed.all_reduce(torch.ones(8))  # both ranks are up
+        # the world group, or the clone DeepSpeed makes for ZeRO and gradient clipping
+        group = groups._get_data_parallel_group() if on == "deepspeed" else None
+        torch.distributed.all_reduce(torch.ones(8), group=group)  # both ranks are up
         if rank == 1:
             if mode == "dies":
                 os._exit(1)
             time.sleep(60)  # hung, or its node's link is down: it never answers
         began = time.monotonic()
         try:
-            torch.distributed.all_reduce(torch.ones(8))
+            torch.distributed.all_reduce(torch.ones(8), group=group)
         except Exception as err:  # noqa: BLE001
             print(f"peer lost after {time.monotonic() - began:.1f} s: {type(err).__name__}", flush=True)
             os._exit(3)
 """)
 
 
-def test_a_lost_peer_stops_the_waiting_rank_within_the_collective_timeout():
+@pytest.mark.parametrize("group", ["world", "deepspeed"])
+def test_a_lost_peer_stops_the_waiting_rank_within_the_collective_timeout(group):
     """A rank whose peer died is told at once; one whose peer hangs (or is cut off) raises after timeout_s
-    (run.collective_timeout_s) instead of waiting in the collective for ever."""
+    (run.collective_timeout_s) instead of waiting in the collective for ever: on the world group and on the
+    group DeepSpeed's own collectives use (ZeRO, gradient clipping)."""
     from dist_helpers import free_port
 
     for mode, bound in (("dies", 3.0), ("hangs", 4.0 + 3.0)):
         env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-        peers = [subprocess.Popen([sys.executable, "-c", PEER, mode], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        peers = [subprocess.Popen([sys.executable, "-c", PEER, mode, group], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
         try:
             out, err = peers[0].communicate(timeout=120)
@@ -79,3 +86,22 @@ def test_a_lost_peer_stops_the_waiting_rank_within_the_collective_timeout():
         assert seconds <= bound, f"{mode}: the waiting rank stopped after {seconds} s"
         if mode == "hangs":
             assert seconds >= 3.5  # the configured timeout, not an earlier error
+
+
+def test_lost_peer_errors_are_told_from_program_errors():
+    """What the trainer leaves with code 76 (a requeue) on, and what it lets fail: gloo's errors for a dead and
+    a hung peer (the texts measured above), torch's DistError family, and either one as the cause of another
+    exception; not a bug of this rank's own."""
+    import torch.distributed as dist
+
+    from lacvit_dist.distributed import is_lost_peer
+
+    dead = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [10.0.0.3]:8592: Connection reset by peer.")
+    hung = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 4000ms for recv operation")
+    wrapped = ValueError("while saving")
+    wrapped.__cause__ = hung
+    for err in (dead, hung, dist.DistBackendError("NCCL communicator was aborted"), dist.DistNetworkError("x"),
+                wrapped):
+        assert is_lost_peer(err), err
+    for err in (ValueError("bad shape"), RuntimeError("CUDA out of memory"), KeyError("label")):
+        assert not is_lost_peer(err), err

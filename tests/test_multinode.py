@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from test_slurm import (CONFIG, TINY, both_stages_completed, running_cluster, signal_requeue_resume, submit,
-                        submit_two_stages)
+from test_slurm import (CONFIG, TINY, both_stages_completed, cluster_logs, jobs_of, running_cluster,
+                        signal_requeue_resume, submit, submit_two_stages, wait_until)
 
 from launchers import local_cluster, status
 from launchers.cluster import daemons, netns
@@ -179,6 +180,78 @@ def test_signal_on_two_nodes_checkpoints_into_one_folder_requeues_and_resumes(cl
     assert (checkpoints / tag / "lacvit_complete.json").is_file()
     partitions = sorted(p.name for p in (checkpoints / tag).glob("*optim_states.pt"))
     assert len(partitions) == WORLD, partitions  # one per rank, from both nodes
+
+
+def training_pids(netns_name: str) -> list[int]:
+    """The job's task processes (submitit's `python -m submitit.core._submit`) running in one node's namespace."""
+    pids = []
+    for pid in netns.pids_in(netns_name):
+        try:
+            if b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_node_dies_the_job_is_requeued_and_resumes_on_both_nodes(cluster2, digits_root, tmp_path):
+    """node2's training processes are killed (SIGKILL) after a checkpoint: the ranks on node1 see the lost peer
+    at once (not after run.collective_timeout_s, 600 s here), one of them requeues the job (counted against
+    --max-requeues), and the job resumes from the latest checkpoint on both nodes: it redoes the steps after
+    that checkpoint with the same losses the killed run logged, logs every step once and completes."""
+    steps, every = 200, 40
+    proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "--output-dir", str(tmp_path),
+                  "--run-name", "dies", "--max-requeues", "2", f"data.root={digits_root}", *TINY,
+                  f"stage1.steps_per_epoch={steps}", "stage1.log_every_steps=5", f"run.checkpoint_every_steps={every}",
+                  "run.collective_timeout_s=600", timeout=60)
+    run_dir = tmp_path / "dies"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = jobs_of(run_dir)["stage1"]
+    job_dir = run_dir / "slurm" / job_id
+    rank0 = lambda: "".join(p.read_text(errors="replace") for p in job_dir.glob(f"{job_id}_0_log.*"))
+    details = lambda: f"{status.job_states([job_id])[job_id]}\n{cluster_logs(run_dir, cluster2)}"
+    latest = run_dir / "stage1" / "checkpoints" / "latest"
+    logged = lambda: [int(n) for n in re.findall(rf"stage1 epoch \d+ step (\d+)/{steps}", rank0())]
+
+    # killed after a checkpoint and at least 5 logged steps past it
+    wait_until(lambda: latest.exists() and max(logged(), default=0) >= int(latest.read_text()[4:]) + 5, 150,
+               "a checkpoint and 5 more steps", details)
+    checkpoint_step = int(latest.read_text().strip()[4:])
+    victims = training_pids(cluster2.net["nodes"][1]["netns"])
+    assert len(victims) == 2, f"node2 runs {victims}\n{details()}"
+    killed_at = time.time()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+
+    wait_until(lambda: int(status.job_states([job_id])[job_id].get("restarts", "0")) >= 1, 90,
+               "the job to be requeued", details)
+    claim = job_dir / "lost_peer_0.claim"
+    detected_s = claim.stat().st_mtime - killed_at
+    print(f"node2 killed: a surviving rank claimed the requeue after {detected_s:.1f} s")
+    assert detected_s < 30, details()  # a reset connection, not the 600 s collective timeout
+    wait_until(lambda: status.job_states([job_id])[job_id]["state"] in status.TERMINAL_STATES, 240,
+               "the requeued job to finish", details)
+    assert status.job_states([job_id])[job_id]["state"] == "COMPLETED", details()
+
+    outcome = json.loads((job_dir / "requeue_0.json").read_text())
+    assert outcome["requeued"] is True and outcome["rank"] in (0, 1), outcome  # a rank on node1 requeued
+    assert "a peer rank was lost" in outcome["reason"], outcome
+    assert json.loads((run_dir / "slurm" / "requeues.json").read_text()) == {"stage1": 1}
+    assert not list(job_dir.glob("failed_*")), details()  # no rank reported a failure of its own
+    text = rank0()
+    first_run, _, _ = text.partition("resumed from")
+    match = re.search(rf"resumed from \S+ at step (\d+)/{steps}", text)
+    assert match and int(match.group(1)) >= checkpoint_step, details()  # from the latest, not from the start
+    resumed_at = int(match.group(1))
+    results = json.loads((run_dir / "stage1" / "results.json").read_text())
+    assert results["steps"] == steps and results["world_size"] == WORLD
+    assert [e["step"] for e in results["train_log"]] == list(range(5, steps + 1, 5)), details()
+    # the steps redone after the restart give the losses the killed run had logged (4 significant digits shown)
+    before = dict(re.findall(rf"stage1 epoch \d+ step (\d+)/{steps}  loss (\S+)", first_run))
+    redone = {e["step"]: f"{e['loss']:.4g}" for e in results["train_log"] if str(e["step"]) in before
+              and e["step"] > resumed_at}
+    assert len(redone) >= 1, (before, resumed_at)
+    assert all(before[str(step)] == loss for step, loss in redone.items()), (before, redone)
 
 
 def test_failed_start_leaves_nothing(cluster2, tmp_path, monkeypatch):

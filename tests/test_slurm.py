@@ -286,7 +286,7 @@ def test_failed_requeue_is_not_counted_and_other_ranks_wait_for_rank0(slurm_clus
     job_env = {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(run_dir / "slurm" / "%j"),
                "SLURM_JOB_ID": job_id, "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1"}
     code = ("from launchers import slurm_job as s; "
-            f"s.SlurmStageJob(s.StageSpec(**{spec.__dict__!r}))._requeue_after_checkpoint(1)")
+            f"s.SlurmStageJob(s.StageSpec(**{spec.__dict__!r}))._requeue(1, s.REQUEUE_EXIT_CODE)")
     env = {k: v for k, v in os.environ.items() if k != "SLURM_RESTART_COUNT"}
     rank1 = subprocess.Popen([sys.executable, "-c", code], env={**env, **job_env, "SLURM_PROCID": "1"},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -300,7 +300,7 @@ def test_failed_requeue_is_not_counted_and_other_ranks_wait_for_rank0(slurm_clus
         for key, value in {**job_env, "SLURM_PROCID": "0"}.items():
             monkeypatch.setenv(key, value)
         with pytest.raises(SystemExit) as exit_:
-            slurm_job.SlurmStageJob(spec)._requeue_after_checkpoint(0)
+            slurm_job.SlurmStageJob(spec)._requeue(0, slurm_job.REQUEUE_EXIT_CODE)
         assert exit_.value.code == slurm_job.REQUEUE_EXIT_CODE
         assert rank1.wait(timeout=30) == slurm_job.REQUEUE_EXIT_CODE
     finally:
@@ -314,6 +314,31 @@ def test_failed_requeue_is_not_counted_and_other_ranks_wait_for_rank0(slurm_clus
     assert not (run_dir / "slurm" / "requeues.json").exists()  # nothing counted: the budget (1) is untouched
     resubmission = pickle.loads((run_dir / "slurm" / job_id / f"{job_id}_submitted.pkl").read_bytes())
     assert resubmission.function.spec == spec  # what the requeued job would run
+
+
+def test_a_lost_peer_is_not_requeued_when_a_rank_failed_on_its_own(tmp_path, monkeypatch):
+    """Rank 1 failed with a bug of its own (recorded by its task); rank 0, which saw the connection to it break,
+    claims the requeue but does not requeue: the job fails with rank 1's error instead of retrying a bug, and no
+    requeue is counted."""
+    job_id = "987655"
+    run_dir = tmp_path / "run"
+    job_dir = run_dir / "slurm" / job_id
+    job_dir.mkdir(parents=True)
+    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(run_dir / "slurm" / "%j"),
+                       "SLURM_JOB_ID": job_id, "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
+                       "SLURM_PROCID": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    slurm_job._record_failure(str(run_dir), 1, "KeyError: 'label'")
+    spec = slurm_job.StageSpec(stage="stage1", config=str(CONFIG), overrides=(), run_dir=str(run_dir),
+                                cwd=str(REPO), max_requeues=3, timeout_min=10)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with pytest.raises(RuntimeError, match=r"not requeued: rank 1 failed: KeyError: 'label'"):
+        slurm_job.SlurmStageJob(spec)._requeue(0, slurm_job.LOST_PEER_EXIT_CODE)
+    outcome = json.loads((job_dir / "requeue_0.json").read_text())
+    assert outcome == {"requeued": False, "rank": 0, "reason": "not requeued: rank 1 failed: KeyError: 'label'"}
+    assert (job_dir / "lost_peer_0.claim").read_text().strip() == "0"
+    assert not (run_dir / "slurm" / "requeues.json").exists()
 
 
 def test_batch_shell_is_one_process_and_each_step_task_its_own_rank(slurm_cluster, tmp_path):
