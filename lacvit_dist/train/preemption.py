@@ -23,7 +23,8 @@ from lacvit_dist.distributed import any_rank, max_over_ranks
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again". A preempted / time-limited run that saved a
 # checkpoint exits with it; launchers requeue on it (submitit: raise from checkpoint(); a plain sbatch script:
 # `python train.py ...; [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID`). It is distinct from 0 (finished),
-# 1 (Python error), 124 (timeout(1)) and 128+N (killed by signal N).
+# 1 (Python error), 76 (a lost peer: distributed.LOST_PEER_EXIT_CODE), 124 (timeout(1)) and 128+N (killed by
+# signal N).
 REQUEUE_EXIT_CODE = 75
 
 

@@ -1,0 +1,306 @@
+"""Every launch path of the README across a real 2-node SLURM cluster (launchers/local_cluster.py --nodes 2, as in
+tests/test_multinode.py), 2 gloo ranks per node, gives exactly the numbers of 1 node x 4 ranks:
+
+* the reference: stage 1 in finite epochs (tests/test_layouts.py's LAYOUT, tiny model, 2 epochs) as one SLURM
+  job of 4 tasks on one node (`srun python train.py`; each test node declares 2 CPUs, so the job is
+  `--overcommit`: sbatch refuses `--ntasks-per-node=4` there even with it, `--ntasks=4` it takes);
+* the same config on node[1-2], 2 ranks each, through
+  - `launchers/submit.py --nodes 2 --tasks-per-node 2` (submitit, one SLURM task per rank);
+  - `srun --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=2 --rdzv_backend=c10d ...` in an sbatch
+    script (one agent per node, c10d rendezvous on the first node, across the two network namespaces);
+  - `deepspeed --launcher slurm --hostfile ... --no_ssh_check --master_addr <first node>` in an sbatch script
+    (DeepSpeed's runner calls `srun -n 4 python train.py`; without those two flags it would ssh to the first
+    node, once to check it and once for its address);
+  - `srun --ntasks-per-node=1 deepspeed --no_ssh --node_rank=$SLURM_NODEID --hostfile ... --master_addr ...` in
+    an sbatch script (one deepspeed launcher per node, no ssh at all).
+
+Each ends COMPLETED on node[1-2] with world size 4 and logs the reference's loss sequence bitwise: every global
+rank reads the same samples in the same order (the data deal depends on rank, world size and workers only) and
+gloo reduces in rank order whatever the hosts, so nothing in the arithmetic depends on the layout.
+
+What each trainer process read is recorded without touching the launch commands or the product code: the jobs
+get a `sitecustomize.py` on PYTHONPATH (TRACE_HOOK below) that wraps the training loop's `train_loader` and
+appends, per rank, its host, how `detect_world` placed it, and the keys of every batch the trainer took. So the
+test also checks who ran where (ranks 0-1 on node1, 2-3 on node2, by the launcher's variables or SLURM's), that
+each rank read the reference rank's samples in the reference's order, and that in each epoch the 4 ranks and
+their data workers read no sample twice and read every sample the finite-epoch plan deals (1,024 of the 1,258:
+8 batches of 32 per rank; the 234 the equal cut leaves out are logged by the trainer; exact cover of a split
+that divides evenly is tests/test_layouts.py's).
+
+Without SLURM, iproute2/util-linux or root the module is skipped, except under CI=true where it fails.
+"""
+import json
+import os
+import shlex
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from test_layouts import LAYOUT
+from test_multinode import NODES, WORLD, _skip_or_fail, job_fields, plain_logs, wait_for_job
+from test_slurm import CONFIG, SUBMIT, jobs_of, running_cluster
+from test_train import BIN
+
+from launchers import status
+from lacvit_dist.data.pipeline import finite_epoch_plan
+from lacvit_dist.data.shards import load_info
+
+PER_NODE = WORLD // NODES
+EPOCHS = 2
+MICRO_BATCH = 32  # LAYOUT's
+# LAYOUT without run.stages (submit.py takes --stages; so does train.py), over two finite epochs.
+OVERRIDES = [o for o in LAYOUT if not o.startswith("run.stages=")] + [f"stage1.epochs={EPOCHS}"]
+JOB_TIMEOUT_S = 300  # one run takes 25-40 s on 2 idle cores
+
+TRACE_HOOK = '''\
+"""sitecustomize of tests/test_multinode_launchers.py, on the PYTHONPATH of its jobs only: wraps the training
+loop's train_loader to append, per rank, who the process is and the keys of every batch the trainer takes to
+$LACVIT_TEST_TRACE/<rank>.jsonl. The launch commands and the product code stay as they are."""
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+
+class _WrapTrainLoader(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "lacvit_dist.train.loop":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            module.train_loader = _recording(module.train_loader)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _recording(train_loader):
+    def wrapped(*args, **kwargs):
+        import json
+        import socket
+
+        import torch.distributed as dist
+        from lacvit_dist.distributed import detect_world
+
+        world = detect_world()
+        rank = dist.get_rank()
+        out = open(os.path.join(os.environ["LACVIT_TEST_TRACE"], f"{rank}.jsonl"), "a")
+        out.write(json.dumps({"host": socket.gethostname(), "rank": rank, "world_size": dist.get_world_size(),
+                              "detected": [world.launcher, world.rank, world.world_size, world.local_rank],
+                              "master": f"{world.master_addr}:{world.master_port}"}) + "\\n")
+        out.flush()
+        batches = train_loader(*args, **kwargs)
+
+        def recorded():
+            for batch in batches:
+                out.write(json.dumps(batch.keys) + "\\n")
+                out.flush()
+                yield batch
+
+        return recorded()
+
+    return wrapped
+
+
+if os.environ.get("LACVIT_TEST_TRACE"):
+    sys.meta_path.insert(0, _WrapTrainLoader())
+'''
+
+# The sbatch scripts' bodies (README "Multi-node launchers": the same commands). {train} is
+# `train.py --config ... overrides --stages stage1`, {bin} the venv's bin folder, {hostfile} a shared path.
+REFERENCE = """\
+srun {bin}/python {train}
+"""
+TORCHRUN = """\
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun --ntasks-per-node=1 {bin}/torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node=2 \\
+    --rdzv_backend=c10d --rdzv_endpoint="$head:$((20000 + SLURM_JOB_ID % 20000))" --rdzv_id="$SLURM_JOB_ID" \\
+    {train}
+"""
+DEEPSPEED_SLURM = """\
+hostfile={hostfile}-$SLURM_JOB_ID
+scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots=$SLURM_NTASKS_PER_NODE/" > "$hostfile"
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+{bin}/deepspeed --launcher slurm --hostfile="$hostfile" --no_ssh_check --master_addr="$head" {train}
+"""
+DEEPSPEED_NO_SSH = """\
+hostfile={hostfile}-$SLURM_JOB_ID
+scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots=2/" > "$hostfile"
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun --ntasks-per-node=1 bash -c 'exec "$0" --no_ssh --node_rank="$SLURM_NODEID" "$@"' {bin}/deepspeed \\
+    --hostfile="$hostfile" --master_addr="$head" --master_port=$((20000 + SLURM_JOB_ID % 20000)) {train}
+"""
+ONE_AGENT_PER_NODE = {"nodes": NODES, "ntasks-per-node": 1, "cpus-per-task": PER_NODE}
+ONE_TASK_PER_RANK = {"nodes": NODES, "ntasks-per-node": PER_NODE}
+# (sbatch options, script body or None for submit.py, what detect_world says in the ranks)
+LAUNCHES = {
+    "submit_py": (None, None, "slurm"),
+    "torchrun_c10d": (ONE_AGENT_PER_NODE, TORCHRUN, "env"),
+    "deepspeed_slurm": (ONE_TASK_PER_RANK, DEEPSPEED_SLURM, "slurm"),
+    "deepspeed_no_ssh": (ONE_AGENT_PER_NODE, DEEPSPEED_NO_SSH, "env"),
+}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def job_env(trace: Path, hook: Path) -> dict[str, str]:
+    """The submitting environment (sbatch exports it to the job): one thread per rank, the trace hook."""
+    trace.mkdir(parents=True)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook), "LACVIT_TEST_TRACE": str(trace)}
+
+
+def train_args(run_dir: Path, data: Path) -> str:
+    return shlex.join([str(REPO / "train.py"), "--config", str(CONFIG), f"data.root={data}",
+                       f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", *OVERRIDES,
+                       "--stages", "stage1"])
+
+
+def sbatch(run_dir: Path, options: dict, body: str, env: dict[str, str]) -> str:
+    """Write `run_dir/slurm/job.sbatch` (its output beside it) and submit it; the job id."""
+    (run_dir / "slurm").mkdir(parents=True)
+    header = {"job-name": run_dir.name, **options, "time": 5, "output": str(run_dir / "slurm" / "job-%j.out")}
+    lines = ["#!/bin/bash", *(f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={value}"
+                              for key, value in header.items()), f"cd {shlex.quote(str(REPO))}", body]
+    script = run_dir / "slurm" / "job.sbatch"
+    script.write_text("\n".join(lines))
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, f"sbatch {script}: {proc.stdout}{proc.stderr}"
+    return proc.stdout.strip().split(";")[0]
+
+
+def finish(job_id: str, run_dir: Path, cluster, nodelist: str) -> dict:
+    """Wait for the job (cancelled if it hangs, so the next job gets the nodes); check that it COMPLETED on
+    `nodelist`; its stage-1 results."""
+    details = lambda: plain_logs(run_dir, cluster)  # noqa: E731
+    try:
+        state = wait_for_job(job_id, JOB_TIMEOUT_S, details)
+    finally:
+        if status.job_states([job_id])[job_id]["state"] not in status.TERMINAL_STATES:
+            subprocess.run(["scancel", job_id], timeout=30)
+    assert state["state"] == "COMPLETED", f"job {job_id}: {state}\n{details()}"
+    fields = job_fields(job_id)
+    assert fields.get("NodeList") == nodelist, f"{fields}\n{details()}"
+    results_file = run_dir / "stage1" / "results.json"
+    assert results_file.is_file(), details()
+    return json.loads(results_file.read_text())
+
+
+def read_trace(trace: Path, run_dir: Path, cluster) -> tuple[dict[int, dict], dict[int, list[list[str]]]]:
+    """Per rank: who it was (host, process-group rank, detect_world's answer) and the keys of every batch."""
+    files = sorted(trace.glob("*.jsonl"))
+    assert [p.name for p in files] == [f"{rank}.jsonl" for rank in range(WORLD)], \
+        f"trace files {files}\n{plain_logs(run_dir, cluster)}"
+    who, batches = {}, {}
+    for rank in range(WORLD):
+        head, *rows = (json.loads(line) for line in (trace / f"{rank}.jsonl").read_text().splitlines())
+        who[rank], batches[rank] = head, rows
+    return who, batches
+
+
+def losses(results: dict) -> list[float]:
+    return [entry["loss"] for entry in results["train_log"]]
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    _skip_or_fail()
+    with running_cluster(tmp_path_factory.mktemp("slurm2l"), accounting="none", nodes=NODES) as state:
+        yield state
+
+
+@pytest.fixture(scope="module")
+def hook(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("trace_hook")
+    (folder / "sitecustomize.py").write_text(TRACE_HOOK)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plan(digits_root):
+    split = load_info(digits_root).split("train")
+    return split, finite_epoch_plan(split, WORLD, 1, MICRO_BATCH)
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, hook, digits_root, plan, tmp_path_factory):
+    """1 node x 4 ranks: one SLURM job of 4 tasks on node1 (`srun python train.py`)."""
+    out = tmp_path_factory.mktemp("reference")
+    run_dir, trace = out / "one_node_of_four", out / "trace"
+    env = job_env(trace, hook)
+    job_id = sbatch(run_dir, {"nodes": 1, "ntasks": WORLD, "overcommit": True},
+                    REFERENCE.format(bin=BIN, train=train_args(run_dir, digits_root)), env)
+    results = finish(job_id, run_dir, cluster, "node1")
+    split, finite = plan
+    assert results["world_size"] == WORLD and results["steps"] == EPOCHS * finite.batches_per_rank, results
+    who, batches = read_trace(trace, run_dir, cluster)
+    assert {rank: (w["host"], w["world_size"], w["detected"]) for rank, w in who.items()} == \
+        {rank: ("node1", WORLD, ["slurm", rank, WORLD, rank]) for rank in range(WORLD)}, \
+        f"{who}\n{plain_logs(run_dir, cluster)}"
+    return {"results": results, "batches": batches, "logs": lambda: plain_logs(run_dir, cluster)}
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+def test_one_node_of_four_reads_each_dealt_sample_once_per_epoch(reference, plan):
+    """In each finite epoch the 4 ranks (1 data worker each) read 8 batches of 32: 1,024 different train samples,
+    every one the plan deals; the 234 the equal cut leaves out change from epoch to epoch."""
+    split, finite = plan
+    keys = set()
+    for shard in split.filenames:
+        with tarfile.open(shard) as tar:
+            keys |= {Path(member.name).name.split(".", 1)[0] for member in tar.getmembers()}
+    assert len(keys) == split.num_samples
+    batches = reference["batches"]
+    assert all(len(batches[rank]) == EPOCHS * finite.batches_per_rank for rank in range(WORLD)), reference["logs"]()
+    assert all(len(batch) == MICRO_BATCH for rank in range(WORLD) for batch in batches[rank])
+    per_epoch = []
+    for epoch in range(EPOCHS):
+        share = slice(epoch * finite.batches_per_rank, (epoch + 1) * finite.batches_per_rank)
+        read = [key for rank in range(WORLD) for batch in batches[rank][share] for key in batch]
+        assert len(read) == len(set(read)) == split.num_samples - finite.unused_samples, f"epoch {epoch + 1}"
+        assert set(read) <= keys
+        per_epoch.append(set(read))
+    assert per_epoch[0] != per_epoch[1]  # epochs deal the shards anew
+
+
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+def test_two_nodes_of_two_ranks_give_the_reference_losses(launch, reference, cluster, hook, digits_root, tmp_path):
+    options, body, detected = LAUNCHES[launch]
+    run_dir, trace = tmp_path / launch, tmp_path / "trace"
+    env = job_env(trace, hook)
+    if body is None:  # launchers/submit.py --nodes 2 --tasks-per-node 2
+        proc = subprocess.run([*SUBMIT, "--config", str(CONFIG), "--nodes", str(NODES), "--gpus-per-node", "0",
+                               "--tasks-per-node", str(PER_NODE), "--timeout-min", "5", "--stages", "stage1",
+                               "--output-dir", str(tmp_path), "--run-name", launch, f"data.root={digits_root}",
+                               *OVERRIDES], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{plain_logs(run_dir, cluster)}"
+        job_id = jobs_of(run_dir)["stage1"]
+    else:
+        job_id = sbatch(run_dir, options, body.format(bin=BIN, train=train_args(run_dir, digits_root),
+                                                      hostfile=run_dir / "slurm" / "hostfile"), env)
+    results = finish(job_id, run_dir, cluster, "node[1-2]")
+    logs = lambda: plain_logs(run_dir, cluster)  # noqa: E731
+    assert job_fields(job_id).get("NumNodes") == str(NODES)
+    assert results["world_size"] == WORLD, f"{results}\n{logs()}"
+
+    who, batches = read_trace(trace, run_dir, cluster)
+    placed = {rank: (w["host"], w["world_size"], w["detected"]) for rank, w in who.items()}
+    assert placed == {rank: (f"node{rank // PER_NODE + 1}", WORLD, [detected, rank, WORLD, rank % PER_NODE])
+                      for rank in range(WORLD)}, f"{who}\n{logs()}"  # ranks 0-1 on node1, 2-3 on node2
+    assert {w["master"].split(":")[0] for w in who.values()} == {"node1"}, who  # the master by name
+
+    differ = [(rank, k) for rank in range(WORLD) for k, (a, b) in
+              enumerate(zip(batches[rank], reference["batches"][rank])) if a != b]
+    assert not differ and batches == reference["batches"], \
+        f"(rank, batch) read other samples than the reference's: {differ[:10]}\n{logs()}"
+    assert losses(results) == losses(reference["results"]), \
+        f"{launch}: {losses(results)}\nreference: {losses(reference['results'])}\n{logs()}"  # bitwise
