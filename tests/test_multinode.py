@@ -20,12 +20,13 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from conftest import REPO
-from test_slurm import (CONFIG, TINY, both_stages_completed, cluster_logs, jobs_of, running_cluster,
-                        signal_requeue_resume, submit, submit_two_stages, wait_until)
+from test_slurm import (CONFIG, TINY, both_stages_completed, jobs_of, running_cluster, signal_requeue_resume,
+                        submit, submit_two_stages, wait_until)
 
 from launchers import local_cluster, status
 from launchers.cluster import daemons, netns
@@ -138,10 +139,10 @@ def test_two_stage_run_across_two_nodes(two_stage_run, digits_root, cluster2):
     assert re.search(r"rank 3/4 master node1:\d+", rank3), rank3[-3000:]  # the master by name, not 127.0.0.1
 
 
-def dry_run(digits_root: Path, out: Path, name: str) -> str:
+def dry_run(digits_root: Path, out: Path, name: str, *args: str) -> str:
     """The text `submit.py --dry-run` prints for a 2-node x 2-task stage 1 (sbatch scripts + the sbatch calls)."""
     proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "--output-dir", str(out),
-                  "--run-name", name, "--dry-run", f"data.root={digits_root}", *TINY, timeout=60)
+                  "--run-name", name, "--dry-run", f"data.root={digits_root}", *TINY, *args, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --ntasks-per-node=2" in proc.stdout
     assert re.search(r"\nsrun --unbuffered \S*python\S* \S*train\.py ", proc.stdout), proc.stdout
@@ -182,34 +183,52 @@ def test_signal_on_two_nodes_checkpoints_into_one_folder_requeues_and_resumes(cl
     assert len(partitions) == WORLD, partitions  # one per rank, from both nodes
 
 
-def training_pids(netns_name: str) -> list[int]:
-    """The job's task processes (submitit's `python -m submitit.core._submit`) running in one node's namespace."""
+def training_pids(netns_name: str, marker: bytes) -> list[int]:
+    """The job's task processes (their command line holds `marker`) running in one node's namespace."""
     pids = []
     for pid in netns.pids_in(netns_name):
         try:
-            if b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
                 pids.append(pid)
         except OSError:
             pass
     return pids
 
 
-def test_a_node_dies_the_job_is_requeued_and_resumes_on_both_nodes(cluster2, digits_root, tmp_path):
+def submit_job(launch: str, digits_root: Path, out: Path, *args: str) -> tuple[str, Path, Callable[[], str], bytes]:
+    """Stage 1 on 2 nodes x 2 ranks through `launch` (submit.py, or the sbatch script its --dry-run prints): the
+    job id, the run folder, rank 0's log, and what marks the job's training processes on a node."""
+    run_dir = out / launch
+    if launch == "submit_py":
+        proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "--output-dir", str(out),
+                      "--run-name", launch, "--max-requeues", "2", f"data.root={digits_root}", *TINY, *args,
+                      timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        job_id = jobs_of(run_dir)["stage1"]
+        logs = lambda: "".join(p.read_text(errors="replace")
+                               for p in (run_dir / "slurm" / job_id).glob(f"{job_id}_0_log.*"))
+        return job_id, run_dir, logs, b"submitit.core._submit"
+    text = dry_run(digits_root, out, launch, "--max-requeues", "2", *args)
+    sub = subprocess.run(["bash", "-c", text], cwd=REPO, capture_output=True, text=True, timeout=60)
+    match = re.search(r"stage1: job (\d+)", sub.stdout)
+    assert sub.returncode == 0 and match, sub.stdout + sub.stderr
+    job_id = match.group(1)
+    log = run_dir / "slurm" / f"stage1-{job_id}.out"  # every task's output; the trainer logs on rank 0 only
+    return job_id, run_dir, lambda: log.read_text(errors="replace") if log.exists() else "", b"train.py"
+
+
+@pytest.mark.parametrize("launch", ["submit_py", "sbatch_script"])
+def test_a_node_dies_the_job_is_requeued_and_resumes_on_both_nodes(launch, cluster2, digits_root, tmp_path):
     """node2's training processes are killed (SIGKILL) after a checkpoint: the ranks on node1 see the lost peer
-    at once (not after run.collective_timeout_s, 600 s here), one of them requeues the job (counted against
-    --max-requeues), and the job resumes from the latest checkpoint on both nodes: it redoes the steps after
-    that checkpoint with the same losses the killed run logged, logs every step once and completes."""
+    at once (not after run.collective_timeout_s, 600 s here) and leave with 76, the job is requeued (submit.py: by
+    one of them, counted against --max-requeues; the printed sbatch script: by its batch shell, srun's exit code
+    137), and it resumes from the latest checkpoint on both nodes: it redoes the steps after that checkpoint with
+    the losses the killed run logged, logs every step once and completes."""
     steps, every = 200, 40
-    proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "--output-dir", str(tmp_path),
-                  "--run-name", "dies", "--max-requeues", "2", f"data.root={digits_root}", *TINY,
-                  f"stage1.steps_per_epoch={steps}", "stage1.log_every_steps=5", f"run.checkpoint_every_steps={every}",
-                  "run.collective_timeout_s=600", timeout=60)
-    run_dir = tmp_path / "dies"
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    job_id = jobs_of(run_dir)["stage1"]
-    job_dir = run_dir / "slurm" / job_id
-    rank0 = lambda: "".join(p.read_text(errors="replace") for p in job_dir.glob(f"{job_id}_0_log.*"))
-    details = lambda: f"{status.job_states([job_id])[job_id]}\n{cluster_logs(run_dir, cluster2)}"
+    job_id, run_dir, rank0, marker = submit_job(launch, digits_root, tmp_path, f"stage1.steps_per_epoch={steps}",
+                                                "stage1.log_every_steps=5", f"run.checkpoint_every_steps={every}",
+                                                "run.collective_timeout_s=600")
+    details = lambda: f"{status.job_states([job_id])[job_id]}\n{plain_logs(run_dir, cluster2)}"
     latest = run_dir / "stage1" / "checkpoints" / "latest"
     logged = lambda: [int(n) for n in re.findall(rf"stage1 epoch \d+ step (\d+)/{steps}", rank0())]
 
@@ -217,7 +236,7 @@ def test_a_node_dies_the_job_is_requeued_and_resumes_on_both_nodes(cluster2, dig
     wait_until(lambda: latest.exists() and max(logged(), default=0) >= int(latest.read_text()[4:]) + 5, 150,
                "a checkpoint and 5 more steps", details)
     checkpoint_step = int(latest.read_text().strip()[4:])
-    victims = training_pids(cluster2.net["nodes"][1]["netns"])
+    victims = training_pids(cluster2.net["nodes"][1]["netns"], marker)
     assert len(victims) == 2, f"node2 runs {victims}\n{details()}"
     killed_at = time.time()
     for pid in victims:
@@ -225,21 +244,23 @@ def test_a_node_dies_the_job_is_requeued_and_resumes_on_both_nodes(cluster2, dig
 
     wait_until(lambda: int(status.job_states([job_id])[job_id].get("restarts", "0")) >= 1, 90,
                "the job to be requeued", details)
-    claim = job_dir / "lost_peer_0.claim"
-    detected_s = claim.stat().st_mtime - killed_at
-    print(f"node2 killed: a surviving rank claimed the requeue after {detected_s:.1f} s")
-    assert detected_s < 30, details()  # a reset connection, not the 600 s collective timeout
     wait_until(lambda: status.job_states([job_id])[job_id]["state"] in status.TERMINAL_STATES, 240,
                "the requeued job to finish", details)
     assert status.job_states([job_id])[job_id]["state"] == "COMPLETED", details()
-
-    outcome = json.loads((job_dir / "requeue_0.json").read_text())
-    assert outcome["requeued"] is True and outcome["rank"] in (0, 1), outcome  # a rank on node1 requeued
-    assert "a peer rank was lost" in outcome["reason"], outcome
-    assert json.loads((run_dir / "slurm" / "requeues.json").read_text()) == {"stage1": 1}
-    assert not list(job_dir.glob("failed_*")), details()  # no rank reported a failure of its own
     text = rank0()
     first_run, _, _ = text.partition("resumed from")
+    assert re.search(r"rank [01] lost a peer in a collective \(RuntimeError: .*gloo", first_run), details()
+    if launch == "submit_py":
+        job_dir = run_dir / "slurm" / job_id
+        detected_s = (job_dir / "lost_peer_0.claim").stat().st_mtime - killed_at
+        print(f"node2 killed: a surviving rank claimed the requeue after {detected_s:.1f} s")
+        assert detected_s < 30, details()  # a reset connection, not the 600 s collective timeout
+        outcome = json.loads((job_dir / "requeue_0.json").read_text())
+        assert outcome["requeued"] is True and outcome["rank"] in (0, 1), outcome  # a rank on node1 requeued
+        assert "a peer rank was lost" in outcome["reason"], outcome
+        assert json.loads((run_dir / "slurm" / "requeues.json").read_text()) == {"stage1": 1}
+        assert not list(job_dir.glob("failed_*")), details()  # no rank reported a failure of its own
+
     match = re.search(rf"resumed from \S+ at step (\d+)/{steps}", text)
     assert match and int(match.group(1)) >= checkpoint_step, details()  # from the latest, not from the start
     resumed_at = int(match.group(1))
