@@ -20,14 +20,16 @@ A lost peer: when a rank's process dies, hangs or is cut off (its node failed), 
 at once (a reset connection) or after `run.collective_timeout_s` and leave the trainer with `LOST_PEER_EXIT_CODE`
 (76). The first of them to claim it requeues the job the same way (counted against --max-requeues), unless a rank
 recorded a failure of its own program (`failed_<restart>_rank<k>.json`; a bug is not retried). The restart
-resumes from the latest checkpoint. A node that SLURM sees fail (NODE_FAIL) is requeued by SLURM itself
-(`--requeue`).
+resumes from the latest checkpoint. When every task was killed before one could (NCCL's watchdog ends the waiting
+ranks itself at the timeout), the job's batch shell requeues it after srun (`after_step`, submitit's teardown). A
+node that SLURM sees fail (NODE_FAIL) is requeued by SLURM itself (`--requeue`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import time
@@ -102,8 +104,6 @@ class SlurmStageJob:
         because a task that exits early can make SLURM end the step, the requeueing rank with it. A failed
         `scontrol requeue` (e.g. SLURM already requeues the preempted job) is logged, not counted against
         --max-requeues, and the task still leaves with its code."""
-        import submitit
-
         folder = _job_folder(self.spec.run_dir)
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         marker = folder / f"requeue_{restart}.json"
@@ -117,8 +117,7 @@ class SlurmStageJob:
             if failures:
                 outcome = {"requeued": False, "reason": f"not requeued: {failures[0]}"}
             else:
-                outcome = self._requeue_job(submitit.JobEnvironment(),
-                                            "a peer rank was lost" if lost_peer else "checkpoint saved")
+                outcome = self._requeue_job("a peer rank was lost" if lost_peer else "checkpoint saved")
         except BaseException as err:  # the others must not wait for nothing
             write_json(marker, {"requeued": False, "rank": rank, "reason": f"rank {rank}: {err}"})
             raise
@@ -128,20 +127,22 @@ class SlurmStageJob:
             raise RuntimeError(f"{self.spec.stage}: {outcome['reason']}")
         raise SystemExit(code)
 
-    def _requeue_job(self, env, why: str) -> dict[str, Any]:
-        """Resubmission pickle + `scontrol requeue`; returns {"requeued": bool, "reason": str}."""
+    def _requeue_job(self, why: str) -> dict[str, Any]:
+        """Resubmission pickle + `scontrol requeue`; returns {"requeued": bool, "reason": str}. From a task or
+        from the job's batch shell (both see SLURM_JOB_ID)."""
         import submitit
+
+        env = submitit.JobEnvironment()
 
         resume = f"the run is resumable: resubmit with --run-name {Path(self.spec.run_dir).name}"
         if env.cluster != "slurm":
-            raise RuntimeError(f"{self.spec.stage} saved a checkpoint to stop, but the {env.cluster} executor "
-                               f"cannot requeue; {resume}")
+            raise RuntimeError(f"{self.spec.stage}: {why}, but the {env.cluster} executor cannot requeue; {resume}")
         done = read_json(self._requeues_path(), {}).get(self.spec.stage, 0)
         if done >= self.spec.max_requeues:
             raise RuntimeError(f"{self.spec.stage}: requeue limit ({self.spec.max_requeues}) reached; {resume}")
         delayed = submitit.helpers.DelayedSubmission(type(self)(self.spec))
         delayed.set_timeout(self.spec.timeout_min, self.spec.max_requeues)
-        pickle_path = Path(env.paths.submitted_pickle)
+        pickle_path = _job_folder(self.spec.run_dir) / f"{env.job_id}_submitted.pkl"
         tmp = pickle_path.with_name(pickle_path.name + ".requeue.tmp")
         delayed.dump(tmp)
         os.replace(tmp, pickle_path)
@@ -184,6 +185,35 @@ class SlurmStageJob:
 
     def __repr__(self) -> str:
         return f"SlurmStageJob({self.spec.stage}, run_dir={self.spec.run_dir})"
+
+
+def after_step(job_folder: Path, exit_code: int) -> None:
+    """The job's batch shell once its step ended (submitit's teardown): requeue a job whose tasks were all killed
+    before any of them could (srun's exit code > 128 and no rank's decision on record), as NCCL's watchdog does to
+    every rank when a peer is lost and the collective timeout expires, or as a dying node does to the rank that was
+    about to requeue. Counted against --max-requeues like the ranks' own requeues. The ranks' own exits (0, 75,
+    76, a Python error) are theirs to handle, and a job SLURM requeues or cancels never gets here."""
+    import submitit
+
+    marker = job_folder / f"requeue_{os.environ.get('SLURM_RESTART_COUNT', '0')}.json"
+    if exit_code <= 128:
+        return
+    deadline = time.monotonic() + FAILURE_REPORT_GRACE_S  # a rank that is requeueing writes its marker any moment
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if marker.exists():
+        return
+    job = submitit.helpers.DelayedSubmission.load(job_folder / f"{os.environ['SLURM_JOB_ID']}_submitted.pkl").function
+    # The requeue sends SIGTERM to the batch shell and to this process; live on to record it (SIGKILL follows
+    # after KillWait, 30 s by default), as the tasks do under submitit's handler.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    why = f"every task of the job step was killed (srun exit code {exit_code}) before a rank could requeue"
+    try:
+        outcome = job._requeue_job(why)
+    except RuntimeError as err:  # the requeue limit
+        outcome = {"requeued": False, "reason": str(err)}
+    write_json(marker, {**outcome, "rank": None})
+    print(f"[lacvit launcher] {job.spec.stage}: {outcome['reason']}", flush=True)
 
 
 def _job_folder(run_dir: str) -> Path:
@@ -281,3 +311,9 @@ def _export_world() -> dict[str, str]:
     values = {k: str(v) for k, v in values.items()}
     os.environ.update(values)
     return values
+
+
+if __name__ == "__main__":  # submitit's teardown in a stage's batch script: python -m launchers.slurm_job <folder> "$rc"
+    import sys
+
+    after_step(Path(sys.argv[1]), int(sys.argv[2]))

@@ -127,6 +127,9 @@ def make_executor(plan: Plan, cluster: str, job_name: str, stage: str, max_reque
             slurm_signal_delay_s=res.signal_delay_s,
             slurm_setup=[f"export PYTHONPATH={shlex.quote(pythonpath)}",
                          f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}"],
+            # after srun: requeue a job whose tasks were all killed before a rank could (slurm_job.after_step)
+            slurm_teardown=["rc=$?", f"{shlex.quote(sys.executable)} -m launchers.slurm_job "
+                            f"{shlex.quote(str(plan.run_dir / 'slurm'))}/\"$SLURM_JOB_ID\" \"$rc\"", 'exit "$rc"'],
             slurm_additional_parameters=additional)
         for key in ("partition", "account", "qos", "constraint", "mem"):
             if getattr(res, key) is not None:

@@ -184,11 +184,13 @@ def test_signal_on_two_nodes_checkpoints_into_one_folder_requeues_and_resumes(cl
 
 
 def training_pids(netns_name: str, marker: bytes) -> list[int]:
-    """The job's task processes (their command line holds `marker`) running in one node's namespace."""
+    """The job's task processes (python, their command line holds `marker`; not srun, whose command line holds it
+    too) running in one node's namespace."""
     pids = []
     for pid in netns.pids_in(netns_name):
         try:
-            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+            proc = Path(f"/proc/{pid}")
+            if (proc / "comm").read_text().startswith("python") and marker in (proc / "cmdline").read_bytes():
                 pids.append(pid)
         except OSError:
             pass
@@ -199,7 +201,7 @@ def submit_job(launch: str, digits_root: Path, out: Path, *args: str) -> tuple[s
     """Stage 1 on 2 nodes x 2 ranks through `launch` (submit.py, or the sbatch script its --dry-run prints): the
     job id, the run folder, rank 0's log, and what marks the job's training processes on a node."""
     run_dir = out / launch
-    if launch == "submit_py":
+    if launch.startswith("submit_py"):
         proc = submit("--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "--output-dir", str(out),
                       "--run-name", launch, "--max-requeues", "2", f"data.root={digits_root}", *TINY, *args,
                       timeout=60)
@@ -217,13 +219,15 @@ def submit_job(launch: str, digits_root: Path, out: Path, *args: str) -> tuple[s
     return job_id, run_dir, lambda: log.read_text(errors="replace") if log.exists() else "", b"train.py"
 
 
-@pytest.mark.parametrize("launch", ["submit_py", "sbatch_script"])
-def test_a_node_dies_the_job_is_requeued_and_resumes_on_both_nodes(launch, cluster2, digits_root, tmp_path):
+@pytest.mark.parametrize("launch, killed", [("submit_py", "node2"), ("sbatch_script", "node2"),
+                                            ("submit_py_all", "node1 node2")])
+def test_a_node_dies_the_job_is_requeued_and_resumes_on_both_nodes(launch, killed, cluster2, digits_root, tmp_path):
     """node2's training processes are killed (SIGKILL) after a checkpoint: the ranks on node1 see the lost peer
     at once (not after run.collective_timeout_s, 600 s here) and leave with 76, the job is requeued (submit.py: by
     one of them, counted against --max-requeues; the printed sbatch script: by its batch shell, srun's exit code
     137), and it resumes from the latest checkpoint on both nodes: it redoes the steps after that checkpoint with
-    the losses the killed run logged, logs every step once and completes."""
+    the losses the killed run logged, logs every step once and completes. With every rank killed (what NCCL's
+    watchdog does to the survivors when the collective timeout expires) submit.py's batch shell requeues."""
     steps, every = 200, 40
     job_id, run_dir, rank0, marker = submit_job(launch, digits_root, tmp_path, f"stage1.steps_per_epoch={steps}",
                                                 "stage1.log_every_steps=5", f"run.checkpoint_every_steps={every}",
@@ -236,8 +240,9 @@ def test_a_node_dies_the_job_is_requeued_and_resumes_on_both_nodes(launch, clust
     wait_until(lambda: latest.exists() and max(logged(), default=0) >= int(latest.read_text()[4:]) + 5, 150,
                "a checkpoint and 5 more steps", details)
     checkpoint_step = int(latest.read_text().strip()[4:])
-    victims = training_pids(cluster2.net["nodes"][1]["netns"], marker)
-    assert len(victims) == 2, f"node2 runs {victims}\n{details()}"
+    victims = [pid for node in cluster2.net["nodes"] if node["name"] in killed.split()
+               for pid in training_pids(node["netns"], marker)]
+    assert len(victims) == 2 * len(killed.split()), f"{killed} run {victims}\n{details()}"
     killed_at = time.time()
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
@@ -249,7 +254,13 @@ def test_a_node_dies_the_job_is_requeued_and_resumes_on_both_nodes(launch, clust
     assert status.job_states([job_id])[job_id]["state"] == "COMPLETED", details()
     text = rank0()
     first_run, _, _ = text.partition("resumed from")
-    assert re.search(r"rank [01] lost a peer in a collective \(RuntimeError: .*gloo", first_run), details()
+    if launch == "submit_py_all":
+        outcome = json.loads((run_dir / "slurm" / job_id / "requeue_0.json").read_text())
+        assert outcome["requeued"] is True and outcome["rank"] is None, outcome  # the batch shell requeued
+        assert "every task of the job step was killed (srun exit code 137)" in outcome["reason"], outcome
+        assert json.loads((run_dir / "slurm" / "requeues.json").read_text()) == {"stage1": 1}
+    else:
+        assert re.search(r"rank [01] lost a peer in a collective \(RuntimeError: .*gloo", first_run), details()
     if launch == "submit_py":
         job_dir = run_dir / "slurm" / job_id
         detected_s = (job_dir / "lost_peer_0.claim").stat().st_mtime - killed_at

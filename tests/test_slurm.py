@@ -258,7 +258,7 @@ def signal_requeue_resume(cluster, digits_root: Path, tmp_path: Path, resources:
     wait_until(lambda: state()["state"] in status.TERMINAL_STATES, 240, "the requeued job to finish", details)
     assert state()["state"] == "COMPLETED", details()
 
-    assert json.loads((run_dir / "slurm" / "requeues.json").read_text()) == {"stage1": 1}
+    assert json.loads((run_dir / "slurm" / "requeues.json").read_text()) == {"stage1": 1}, details()
     assert json.loads((job_dir / "requeue_0.json").read_text())["requeued"] is True, details()
     text = rank_log(0)
     assert re.search(r"stop requested .* exiting with code 75", text), details()
@@ -339,6 +339,23 @@ def test_a_lost_peer_is_not_requeued_when_a_rank_failed_on_its_own(tmp_path, mon
     assert outcome == {"requeued": False, "rank": 0, "reason": "not requeued: rank 1 failed: KeyError: 'label'"}
     assert (job_dir / "lost_peer_0.claim").read_text().strip() == "0"
     assert not (run_dir / "slurm" / "requeues.json").exists()
+
+
+def test_batch_shell_leaves_the_ranks_exits_to_them(tmp_path, monkeypatch):
+    """After srun (submitit's teardown) the batch shell requeues only a step whose tasks were all killed with no
+    rank's decision on record: finished, checkpointed (75), lost-peer (76) and failed (1) steps are the ranks'
+    own business, and so is a killed step a rank already decided about (it never even reads the job's pickle)."""
+    folder = tmp_path / "slurm" / "987656"
+    folder.mkdir(parents=True)
+    monkeypatch.setenv("SLURM_JOB_ID", "987656")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    for code in (0, 1, slurm_job.REQUEUE_EXIT_CODE, slurm_job.LOST_PEER_EXIT_CODE):
+        slurm_job.after_step(folder, code)  # no pickle in the folder: loading it would raise
+    (folder / "requeue_0.json").write_text(json.dumps({"requeued": True, "rank": 1, "reason": "by rank 1"}))
+    slurm_job.after_step(folder, 137)
+    assert sorted(p.name for p in folder.iterdir()) == ["requeue_0.json"]
+    with pytest.raises(FileNotFoundError, match="987656_submitted.pkl"):  # no decision on record: it would requeue
+        slurm_job.after_step(tmp_path / "slurm" / "other", 137)
 
 
 def test_batch_shell_is_one_process_and_each_step_task_its_own_rank(slurm_cluster, tmp_path):

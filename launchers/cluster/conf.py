@@ -1,8 +1,8 @@
 """slurm.conf and slurmdbd.conf of the test cluster, everything under its own folder."""
 from __future__ import annotations
 
+import random
 from pathlib import Path
-
 
 from launchers.cluster.state import CLUSTER_NAME, CRED_EXPIRE_S, ClusterState
 
@@ -39,6 +39,9 @@ def write_slurm_conf(state: ClusterState, cpus: int, memory_mb: int) -> None:
         "SelectTypeParameters=CR_Core",
         "ReturnToService=2",
         "JobRequeue=1",
+        # Job ids start at a random point per cluster: a job's rendezvous port derives from its id
+        # (distributed.slurm_master_port), and test clusters on one machine share its loopback address.
+        f"FirstJobId={random.randrange(1000, 500000)}",
         "MinJobAge=3600",         # finished jobs stay visible to `scontrol show job` for an hour
         "KillWait=15",
         "InactiveLimit=0",
