@@ -40,8 +40,8 @@ import pytest
 
 from conftest import REPO
 from test_layouts import LAYOUT
-from test_multinode import NODES, WORLD, _skip_or_fail, job_fields, plain_logs, wait_for_job
-from test_slurm import CONFIG, SUBMIT, jobs_of, running_cluster
+from test_multinode import NODES, WORLD, cluster2, job_fields, plain_logs, wait_for_job  # noqa: F401 (a fixture)
+from test_slurm import CONFIG, SUBMIT, jobs_of
 from test_train import BIN
 
 from launchers import status
@@ -211,13 +211,6 @@ def losses(results: dict) -> list[float]:
 # ----------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    _skip_or_fail()
-    with running_cluster(tmp_path_factory.mktemp("slurm2l"), accounting="none", nodes=NODES) as state:
-        yield state
-
-
-@pytest.fixture(scope="module")
 def hook(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("trace_hook")
     (folder / "sitecustomize.py").write_text(TRACE_HOOK)
@@ -231,21 +224,21 @@ def plan(digits_root):
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, hook, digits_root, plan, tmp_path_factory):
+def reference(cluster2, hook, digits_root, plan, tmp_path_factory):
     """1 node x 4 ranks: one SLURM job of 4 tasks on node1 (`srun python train.py`)."""
     out = tmp_path_factory.mktemp("reference")
     run_dir, trace = out / "one_node_of_four", out / "trace"
     env = job_env(trace, hook)
     job_id = sbatch(run_dir, {"nodes": 1, "ntasks": WORLD, "overcommit": True},
                     REFERENCE.format(bin=BIN, train=train_args(run_dir, digits_root)), env)
-    results = finish(job_id, run_dir, cluster, "node1")
+    results = finish(job_id, run_dir, cluster2, "node1")
     split, finite = plan
     assert results["world_size"] == WORLD and results["steps"] == EPOCHS * finite.batches_per_rank, results
-    who, batches = read_trace(trace, run_dir, cluster)
+    who, batches = read_trace(trace, run_dir, cluster2)
     assert {rank: (w["host"], w["world_size"], w["detected"]) for rank, w in who.items()} == \
         {rank: ("node1", WORLD, ["slurm", rank, WORLD, rank]) for rank in range(WORLD)}, \
-        f"{who}\n{plain_logs(run_dir, cluster)}"
-    return {"results": results, "batches": batches, "logs": lambda: plain_logs(run_dir, cluster)}
+        f"{who}\n{plain_logs(run_dir, cluster2)}"
+    return {"results": results, "batches": batches, "logs": lambda: plain_logs(run_dir, cluster2)}
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -273,7 +266,7 @@ def test_one_node_of_four_reads_each_dealt_sample_once_per_epoch(reference, plan
 
 
 @pytest.mark.parametrize("launch", list(LAUNCHES))
-def test_two_nodes_of_two_ranks_give_the_reference_losses(launch, reference, cluster, hook, digits_root, tmp_path):
+def test_two_nodes_of_two_ranks_give_the_reference_losses(launch, reference, cluster2, hook, digits_root, tmp_path):
     options, body, detected = LAUNCHES[launch]
     run_dir, trace = tmp_path / launch, tmp_path / "trace"
     env = job_env(trace, hook)
@@ -282,17 +275,17 @@ def test_two_nodes_of_two_ranks_give_the_reference_losses(launch, reference, clu
                                "--tasks-per-node", str(PER_NODE), "--timeout-min", "5", "--stages", "stage1",
                                "--output-dir", str(tmp_path), "--run-name", launch, f"data.root={digits_root}",
                                *OVERRIDES], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
-        assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{plain_logs(run_dir, cluster)}"
+        assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{plain_logs(run_dir, cluster2)}"
         job_id = jobs_of(run_dir)["stage1"]
     else:
         job_id = sbatch(run_dir, options, body.format(bin=BIN, train=train_args(run_dir, digits_root),
                                                       hostfile=run_dir / "slurm" / "hostfile"), env)
-    results = finish(job_id, run_dir, cluster, "node[1-2]")
-    logs = lambda: plain_logs(run_dir, cluster)  # noqa: E731
+    results = finish(job_id, run_dir, cluster2, "node[1-2]")
+    logs = lambda: plain_logs(run_dir, cluster2)  # noqa: E731
     assert job_fields(job_id).get("NumNodes") == str(NODES)
     assert results["world_size"] == WORLD, f"{results}\n{logs()}"
 
-    who, batches = read_trace(trace, run_dir, cluster)
+    who, batches = read_trace(trace, run_dir, cluster2)
     placed = {rank: (w["host"], w["world_size"], w["detected"]) for rank, w in who.items()}
     assert placed == {rank: (f"node{rank // PER_NODE + 1}", WORLD, [detected, rank, WORLD, rank % PER_NODE])
                       for rank in range(WORLD)}, f"{who}\n{logs()}"  # ranks 0-1 on node1, 2-3 on node2
