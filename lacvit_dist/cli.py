@@ -22,6 +22,7 @@ from lacvit_dist.train.preemption import REQUEUE_EXIT_CODE
 from lacvit_dist.train.objectives import build_objective
 from lacvit_dist.io import write_text
 from lacvit_dist.log import log, markdown_table, setup_console
+from lacvit_dist.rank_failures import record_failure
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         if world.rank == 0:
             print(f"config error: {err}", file=sys.stderr)
         return 2
+    # A failure of this rank's own (not a lost peer) is recorded for the launcher, before the process group goes
+    # (its peers then see this rank go and leave with 76 as if it had died; a bug must not be retried).
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
     try:
         with dist_utils.job(cfg.run.device, cfg.deepspeed.backend, timeout_s=cfg.run.collective_timeout_s):
             try:
@@ -112,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             except (ConfigError, FileNotFoundError, ValueError) as err:
                 log.error("error: %s", err)
                 print(f"error: {err}", file=sys.stderr)
+                record_failure(run_dir, world.rank, f"{type(err).__name__}: {err}")
                 return 2
+            except Exception as err:
+                if not dist_utils.is_lost_peer(err):
+                    record_failure(run_dir, world.rank, f"{type(err).__name__}: {err}")
+                raise
     except Exception as err:  # a peer died, hung or was cut off: the launcher requeues, the restart resumes
         if not dist_utils.is_lost_peer(err):
             raise

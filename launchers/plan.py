@@ -123,6 +123,7 @@ def sbatch_script(plan: Plan, stage: str, job_name: str, max_requeues: int) -> s
         lines.append(f"# runs after {dep} succeeded: submit with sbatch --dependency=afterok:<{dep} job id> "
                      f"--kill-on-invalid-dep=yes")
     train = [sys.executable, str(TRAIN_PY), "--config", str(plan.config), *plan.overrides, "--stages", stage]
+    failures = shlex.quote(str(plan.run_dir / "slurm"))  # lacvit_dist.rank_failures: <run>/slurm/<job id>/failed_*
     lines += [
         "",
         f"cd {shlex.quote(str(plan.cwd))}",
@@ -131,9 +132,12 @@ def sbatch_script(plan: Plan, stage: str, job_name: str, max_requeues: int) -> s
         f"srun --unbuffered {shlex.join(train)}",
         "rc=$?",
         f"# {REQUEUE_EXIT_CODE}: a checkpoint was saved after SIGUSR1/SIGTERM; {LOST_PEER_EXIT_CODE}: a rank lost a peer; "
-        "> 128: a task was killed (srun reports the highest exit code of the tasks, so a bug on one rank whose peers",
-        "# then lost it reads 76 too and is retried up to the limit). Requeue: the restart resumes from `latest`.",
-        f'if {{ [ "$rc" -eq {REQUEUE_EXIT_CODE} ] || [ "$rc" -eq {LOST_PEER_EXIT_CODE} ] || [ "$rc" -gt 128 ]; }} '
+        "> 128: a task was killed. Requeue: the restart resumes from `latest`.",
+        "# Not when a rank failed on its own (a bug): it recorded its error, and its peers' 76 is what srun reports.",
+        f'failed=$(cat {failures}/"$SLURM_JOB_ID"/failed_"${{SLURM_RESTART_COUNT:-0}}"_rank*.json 2>/dev/null)',
+        'if [ -n "$failed" ]; then',
+        '    echo "lacvit: not requeued, a rank failed on its own: $failed" >&2',
+        f'elif {{ [ "$rc" -eq {REQUEUE_EXIT_CODE} ] || [ "$rc" -eq {LOST_PEER_EXIT_CODE} ] || [ "$rc" -gt 128 ]; }} '
         f'&& [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "fi",

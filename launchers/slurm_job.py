@@ -19,14 +19,14 @@ by submitit's own handler, which calls `checkpoint()` (counted there).
 A lost peer: when a rank's process dies, hangs or is cut off (its node failed), the others fail in a collective
 at once (a reset connection) or after `run.collective_timeout_s` and leave the trainer with `LOST_PEER_EXIT_CODE`
 (76). The first of them to claim it requeues the job the same way (counted against --max-requeues), unless a rank
-recorded a failure of its own program (`failed_<restart>_rank<k>.json`; a bug is not retried). The restart
+recorded a failure of its own program (`failed_<restart>_rank<k>.json`, lacvit_dist.rank_failures; a bug is
+not retried). The restart
 resumes from the latest checkpoint. When every task was killed before one could (NCCL's watchdog ends the waiting
 ranks itself at the timeout), the job's batch shell requeues it after srun (`after_step`, submitit's teardown). A
 node that SLURM sees fail (NODE_FAIL) is requeued by SLURM itself (`--requeue`).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import signal
@@ -39,12 +39,14 @@ from typing import Any, NoReturn
 
 from lacvit_dist.distributed import LOST_PEER_EXIT_CODE
 from lacvit_dist.io import read_json, write_json
+from lacvit_dist.rank_failures import record_failure, recorded_failures, restart_count
 from lacvit_dist.train.preemption import REQUEUE_EXIT_CODE
 
 REQUEUES_FILE = "requeues.json"
 PREEMPT_SIGNAL = "USR1"
 LEADER_REQUEUE_WAIT_S = 90.0  # the requeueing rank's `scontrol requeue` has 60 s
 FAILURE_REPORT_GRACE_S = 3.0  # how long the requeueing rank gives a failing peer to record its own error
+MARKER_GRACE_S = 3.0  # how long the batch shell gives a requeueing rank to write its decision
 
 
 @dataclass(frozen=True)
@@ -82,14 +84,14 @@ class SlurmStageJob:
         except SystemExit as exit_:  # the trainer may leave with sys.exit(75)
             code = exit_.code if isinstance(exit_.code, int) else 1
         except BaseException as err:
-            _record_failure(spec.run_dir, rank, f"{type(err).__name__}: {err}")  # so that no peer requeues
+            record_failure(spec.run_dir, rank, f"{type(err).__name__}: {err}")  # so that no peer requeues
             raise
         if code == 0:
             results = read_json(Path(spec.run_dir) / spec.stage / "results.json", {})
             return {"stage": spec.stage, "steps": results.get("steps"), "test": results.get("test", {}).get("top1")}
         if code in (REQUEUE_EXIT_CODE, LOST_PEER_EXIT_CODE):
             self._requeue(rank, code)
-        _record_failure(spec.run_dir, rank, f"train.py exited with code {code}")
+        record_failure(spec.run_dir, rank, f"train.py exited with code {code}")
         raise RuntimeError(f"train.py --stages {spec.stage} exited with code {code} (rank {rank}); "
                            f"logs in {_job_folder(spec.run_dir)}")
 
@@ -105,15 +107,17 @@ class SlurmStageJob:
         `scontrol requeue` (e.g. SLURM already requeues the preempted job) is logged, not counted against
         --max-requeues, and the task still leaves with its code."""
         folder = _job_folder(self.spec.run_dir)
-        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-        marker = folder / f"requeue_{restart}.json"
+        marker = _marker(folder)
         lost_peer = code == LOST_PEER_EXIT_CODE
-        leader = _claim(folder / f"lost_peer_{restart}.claim", rank) if lost_peer else 0
+        leader = _claim(folder / f"lost_peer_{restart_count()}.claim", rank) if lost_peer else 0
         if rank != leader:
             _wait_for_requeue(marker, rank, leader, "lost a peer" if lost_peer else "checkpoint saved")
             raise SystemExit(code)
         try:
-            failures = _failures(folder, restart) if lost_peer else []
+            failures = []
+            if lost_peer:  # the failing rank saw the broken connection at the same time: give it a moment to record
+                time.sleep(FAILURE_REPORT_GRACE_S)
+                failures = recorded_failures(folder)
             if failures:
                 outcome = {"requeued": False, "reason": f"not requeued: {failures[0]}"}
             else:
@@ -195,10 +199,10 @@ def after_step(job_folder: Path, exit_code: int) -> None:
     76, a Python error) are theirs to handle, and a job SLURM requeues or cancels never gets here."""
     import submitit
 
-    marker = job_folder / f"requeue_{os.environ.get('SLURM_RESTART_COUNT', '0')}.json"
+    marker = _marker(job_folder)
     if exit_code <= 128:
         return
-    deadline = time.monotonic() + FAILURE_REPORT_GRACE_S  # a rank that is requeueing writes its marker any moment
+    deadline = time.monotonic() + MARKER_GRACE_S  # a rank that is requeueing writes its marker any moment
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     if marker.exists():
@@ -222,6 +226,11 @@ def _job_folder(run_dir: str) -> Path:
 
     env = submitit.JobEnvironment()
     return Path(env.paths.folder) if "SUBMITIT_FOLDER" in os.environ else Path(run_dir) / "slurm" / str(env.job_id)
+
+
+def _marker(folder: Path) -> Path:
+    """Where the rank (or batch shell) that requeues this run of the job records its decision."""
+    return folder / f"requeue_{restart_count()}.json"
 
 
 def _wait_for_requeue(marker: Path, rank: int, leader: int, why: str,
@@ -253,21 +262,6 @@ def _claim(path: Path, rank: int) -> int:
     with os.fdopen(fd, "w") as f:
         f.write(f"{rank}\n")
     return rank
-
-
-def _record_failure(run_dir: str, rank: int, error: str) -> None:
-    """This rank's program failed (not a lost peer): a peer that lost this rank must not requeue the job."""
-    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-    with contextlib.suppress(Exception):  # never hide the error being reported
-        write_json(_job_folder(run_dir) / f"failed_{restart}_rank{rank}.json", {"rank": rank, "error": error})
-
-
-def _failures(folder: Path, restart: str) -> list[str]:
-    """'rank k failed: <error>' for every rank of this run of the job that recorded its own failure, after a
-    moment for them to record it (their peers saw the broken connection at the same time)."""
-    time.sleep(FAILURE_REPORT_GRACE_S)
-    return [f"rank {entry['rank']} failed: {entry['error']}" for entry in
-            (read_json(p, {}) for p in sorted(folder.glob(f"failed_{restart}_rank*.json"))) if entry]
 
 
 def _export_world() -> dict[str, str]:

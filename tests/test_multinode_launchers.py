@@ -19,13 +19,13 @@ rank reads the same samples in the same order (the data deal depends on rank, wo
 gloo reduces in rank order whatever the hosts, so nothing in the arithmetic depends on the layout.
 
 What each trainer process read is recorded without touching the launch commands or the product code: the jobs
-get a `sitecustomize.py` on PYTHONPATH (TRACE_HOOK below) that wraps the training loop's `train_loader` and
-appends, per rank, its host, how `detect_world` placed it, and the keys of every batch the trainer took. So the
-test also checks who ran where (ranks 0-1 on node1, 2-3 on node2, by the launcher's variables or SLURM's), that
-each rank read the reference rank's samples in the reference's order, and that in each epoch the 4 ranks and
-their data workers read no sample twice and read every sample the finite-epoch plan deals (1,024 of the 1,258:
-8 batches of 32 per rank; the 234 the equal cut leaves out are logged by the trainer; exact cover of a split
-that divides evenly is tests/test_layouts.py's).
+get tests/job_hooks/sitecustomize.py on PYTHONPATH (with LACVIT_TEST_TRACE) that wraps the training loop's
+`train_loader` and appends, per rank, its host, how `detect_world` placed it, and the keys of every batch the
+trainer took. So the test also checks who ran where (ranks 0-1 on node1, 2-3 on node2, by the launcher's
+variables or SLURM's), that each rank read the reference rank's samples in the reference's order, and that in
+each epoch the 4 ranks and their data workers read no sample twice and read every sample the finite-epoch plan
+deals (1,024 of the 1,258: 8 batches of 32 per rank; the 234 the equal cut leaves out are logged by the trainer;
+exact cover of a split that divides evenly is tests/test_layouts.py's).
 
 Without SLURM, iproute2/util-linux or root the module is skipped, except under CI=true where it fails.
 """
@@ -53,65 +53,8 @@ EPOCHS = 2
 MICRO_BATCH = 32  # LAYOUT's
 # LAYOUT without run.stages (submit.py takes --stages; so does train.py), over two finite epochs.
 OVERRIDES = [o for o in LAYOUT if not o.startswith("run.stages=")] + [f"stage1.epochs={EPOCHS}"]
+HOOKS = REPO / "tests" / "job_hooks"  # sitecustomize.py: the trace (LACVIT_TEST_TRACE)
 JOB_TIMEOUT_S = 300  # one run takes 25-40 s on 2 idle cores
-
-TRACE_HOOK = '''\
-"""sitecustomize of tests/test_multinode_launchers.py, on the PYTHONPATH of its jobs only: wraps the training
-loop's train_loader to append, per rank, who the process is and the keys of every batch the trainer takes to
-$LACVIT_TEST_TRACE/<rank>.jsonl. The launch commands and the product code stay as they are."""
-import importlib.abc
-import importlib.util
-import os
-import sys
-
-
-class _WrapTrainLoader(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != "lacvit_dist.train.loop":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        execute = spec.loader.exec_module
-
-        def exec_module(module):
-            execute(module)
-            module.train_loader = _recording(module.train_loader)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-def _recording(train_loader):
-    def wrapped(*args, **kwargs):
-        import json
-        import socket
-
-        import torch.distributed as dist
-        from lacvit_dist.distributed import detect_world
-
-        world = detect_world()
-        rank = dist.get_rank()
-        out = open(os.path.join(os.environ["LACVIT_TEST_TRACE"], f"{rank}.jsonl"), "a")
-        out.write(json.dumps({"host": socket.gethostname(), "rank": rank, "world_size": dist.get_world_size(),
-                              "detected": [world.launcher, world.rank, world.world_size, world.local_rank],
-                              "master": f"{world.master_addr}:{world.master_port}"}) + "\\n")
-        out.flush()
-        batches = train_loader(*args, **kwargs)
-
-        def recorded():
-            for batch in batches:
-                out.write(json.dumps(batch.keys) + "\\n")
-                out.flush()
-                yield batch
-
-        return recorded()
-
-    return wrapped
-
-
-if os.environ.get("LACVIT_TEST_TRACE"):
-    sys.meta_path.insert(0, _WrapTrainLoader())
-'''
 
 # The sbatch scripts' bodies (README "Multi-node launchers": the same commands). {train} is
 # `train.py --config ... overrides --stages stage1`, {bin} the venv's bin folder, {hostfile} a shared path.
@@ -150,10 +93,10 @@ LAUNCHES = {
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def job_env(trace: Path, hook: Path) -> dict[str, str]:
+def job_env(trace: Path) -> dict[str, str]:
     """The submitting environment (sbatch exports it to the job): one thread per rank, the trace hook."""
     trace.mkdir(parents=True)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook), "LACVIT_TEST_TRACE": str(trace)}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HOOKS), "LACVIT_TEST_TRACE": str(trace)}
 
 
 def train_args(run_dir: Path, data: Path) -> str:
@@ -211,24 +154,17 @@ def losses(results: dict) -> list[float]:
 # ----------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def hook(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("trace_hook")
-    (folder / "sitecustomize.py").write_text(TRACE_HOOK)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def plan(digits_root):
     split = load_info(digits_root).split("train")
     return split, finite_epoch_plan(split, WORLD, 1, MICRO_BATCH)
 
 
 @pytest.fixture(scope="module")
-def reference(cluster2, hook, digits_root, plan, tmp_path_factory):
+def reference(cluster2, digits_root, plan, tmp_path_factory):
     """1 node x 4 ranks: one SLURM job of 4 tasks on node1 (`srun python train.py`)."""
     out = tmp_path_factory.mktemp("reference")
     run_dir, trace = out / "one_node_of_four", out / "trace"
-    env = job_env(trace, hook)
+    env = job_env(trace)
     job_id = sbatch(run_dir, {"nodes": 1, "ntasks": WORLD, "overcommit": True},
                     REFERENCE.format(bin=BIN, train=train_args(run_dir, digits_root)), env)
     results = finish(job_id, run_dir, cluster2, "node1")
@@ -266,10 +202,10 @@ def test_one_node_of_four_reads_each_dealt_sample_once_per_epoch(reference, plan
 
 
 @pytest.mark.parametrize("launch", list(LAUNCHES))
-def test_two_nodes_of_two_ranks_give_the_reference_losses(launch, reference, cluster2, hook, digits_root, tmp_path):
+def test_two_nodes_of_two_ranks_give_the_reference_losses(launch, reference, cluster2, digits_root, tmp_path):
     options, body, detected = LAUNCHES[launch]
     run_dir, trace = tmp_path / launch, tmp_path / "trace"
-    env = job_env(trace, hook)
+    env = job_env(trace)
     if body is None:  # launchers/submit.py --nodes 2 --tasks-per-node 2
         proc = subprocess.run([*SUBMIT, "--config", str(CONFIG), "--nodes", str(NODES), "--gpus-per-node", "0",
                                "--tasks-per-node", str(PER_NODE), "--timeout-min", "5", "--stages", "stage1",

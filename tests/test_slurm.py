@@ -25,6 +25,7 @@ from conftest import REPO
 
 from launchers import local_cluster, slurm_job, status
 from lacvit_dist.data.shards import load_info
+from lacvit_dist.rank_failures import record_failure, recorded_failures
 
 SUBMIT = [sys.executable, str(REPO / "launchers" / "submit.py")]
 CONFIG = REPO / "configs" / "demo_digits.yaml"
@@ -37,10 +38,10 @@ RESOURCES = ["--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "-
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def submit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*SUBMIT, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return proc
+def submit(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """launchers/submit.py with `args`; the jobs it submits inherit `env` (default: this one, 1 thread a rank)."""
+    return subprocess.run([*SUBMIT, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env or {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def job_logs(run_dir: Path, lines: int = 40) -> str:
@@ -329,7 +330,7 @@ def test_a_lost_peer_is_not_requeued_when_a_rank_failed_on_its_own(tmp_path, mon
                        "SLURM_PROCID": "1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    slurm_job._record_failure(str(run_dir), 1, "KeyError: 'label'")
+    record_failure(run_dir, 1, "KeyError: 'label'")
     spec = slurm_job.StageSpec(stage="stage1", config=str(CONFIG), overrides=(), run_dir=str(run_dir),
                                 cwd=str(REPO), max_requeues=3, timeout_min=10)
     monkeypatch.setenv("SLURM_PROCID", "0")
@@ -339,6 +340,64 @@ def test_a_lost_peer_is_not_requeued_when_a_rank_failed_on_its_own(tmp_path, mon
     assert outcome == {"requeued": False, "rank": 0, "reason": "not requeued: rank 1 failed: KeyError: 'label'"}
     assert (job_dir / "lost_peer_0.claim").read_text().strip() == "0"
     assert not (run_dir / "slurm" / "requeues.json").exists()
+
+
+def test_a_ranks_own_failure_is_recorded_once_per_run_of_the_job_and_only_under_slurm(tmp_path, monkeypatch):
+    """The first record of a rank wins (the trainer's error, not the launcher's "exited with code 2" after it); a
+    requeued run of the job starts with none; outside SLURM nothing is written."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    record_failure(tmp_path, 1, "ValueError: no job")
+    assert not (tmp_path / "slurm").exists()
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    record_failure(tmp_path, 1, "ValueError: shard 3 of split train")
+    record_failure(tmp_path, 1, "train.py exited with code 2")
+    record_failure(tmp_path, 0, "KeyError: 'cls'")
+    folder = tmp_path / "slurm" / "42"
+    assert recorded_failures(folder) == ["rank 0 failed: KeyError: 'cls'", "rank 1 failed: ValueError: shard 3 of split train"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert recorded_failures(folder) == []
+
+
+@pytest.mark.parametrize("launch", ["submit_py", "sbatch_script"])
+def test_a_bug_on_one_rank_fails_the_job_and_is_not_retried(launch, slurm_cluster, digits_root, tmp_path):
+    """Rank 1 raises an error of its own at its 3rd batch (tests/job_hooks, LACVIT_TEST_FAIL_RANK) while rank 0
+    trains on. Rank 0 loses its peer and leaves with 76, as when a node dies, and srun reports 76. But rank 1
+    recorded its error, so the job is not requeued (a bug would only repeat) and fails naming it: under submit.py
+    (rank 0 claims the lost peer, finds the record) and under the plain sbatch script --dry-run prints alike."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests" / "job_hooks"),
+           "LACVIT_TEST_FAIL_RANK": "1"}
+    args = ["--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "--output-dir", str(tmp_path), "--run-name",
+            launch, "--max-requeues", "2", f"data.root={digits_root}", *TINY, "stage1.steps_per_epoch=50",
+            "run.collective_timeout_s=600"]
+    run_dir = tmp_path / launch
+    if launch == "submit_py":
+        proc = submit(*args, env=env, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        job_id = jobs_of(run_dir)["stage1"]
+        logs = lambda: job_logs(run_dir)
+    else:
+        text = submit(*args, "--dry-run", timeout=60).stdout
+        proc = subprocess.run(["bash", "-c", text], cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+        match = re.search(r"stage1: job (\d+)", proc.stdout)
+        assert proc.returncode == 0 and match, proc.stdout + proc.stderr
+        job_id = match.group(1)
+        logs = lambda: "".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").glob("stage1-*")))
+    details = lambda: f"{status.job_states([job_id])[job_id]}\n{logs()}\n{local_cluster.daemon_logs(slurm_cluster.dir)}"
+    wait_until(lambda: status.job_states([job_id])[job_id]["state"] in status.TERMINAL_STATES, 240, "the job",
+               details)
+    state = status.job_states([job_id])[job_id]
+    assert state["state"] == "FAILED" and state.get("restarts", "0") == "0", details()
+    job_dir = run_dir / "slurm" / job_id
+    assert recorded_failures(job_dir) == ["rank 1 failed: RuntimeError: injected bug on rank 1"], details()
+    assert re.search(r"rank 0 lost a peer in a collective \(RuntimeError: .*gloo", logs()), details()
+    assert not (run_dir / "slurm" / "requeues.json").exists()
+    if launch == "submit_py":
+        outcome = json.loads((job_dir / "requeue_0.json").read_text())
+        assert outcome == {"requeued": False, "rank": 0,
+                           "reason": "not requeued: rank 1 failed: RuntimeError: injected bug on rank 1"}, outcome
+    else:
+        assert "lacvit: not requeued, a rank failed on its own: " in logs() and "injected bug on rank 1" in logs()
 
 
 def test_batch_shell_leaves_the_ranks_exits_to_them(tmp_path, monkeypatch):
