@@ -167,10 +167,17 @@ def _bar(iterable: Iterable, **kwargs: Any) -> Iterator:
     yield from tqdm(iterable, **kwargs)
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A markdown table (console summaries, benchmark and experiment reports)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
+    """A markdown table (console summaries, benchmark and experiment reports). `align`: "l" or "r" per column
+    (numbers read best right-aligned); columns past its end are left-aligned."""
+    rule = ["---:" if a == "r" else "---" for a in align.ljust(len(header), "l")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def figure_or(value: float | None, spec: str, missing: str = "-") -> str:
+    """`value` formatted with `spec` for a table cell, or `missing` when there is no figure."""
+    return missing if value is None else format(value, spec)
 
 
 def format_duration(seconds: float) -> str:

@@ -27,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lacvit_dist.log import figure_or, markdown_table
 from lacvit_dist.train.losses import supcon_rows
 
 try:
@@ -195,21 +196,19 @@ def main(argv=None) -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nSupCon loss forward+backward, fp32, dim {args.dim}, 2 views/image, {args.classes} classes, "
           f"{dev_name}, torch {torch.__version__}. Peak = {kind}; [largest tensor = fp32 rows x N logits].\n")
-    print("| global views | world | local-rows ms | full-matrix ms | local-rows peak MiB [largest] "
-          "| full-matrix peak MiB [largest] | mem ratio full/local | time ratio full/local |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-
-    def fmt(x, spec):
-        return "skipped" if x is None else format(x, spec)
-
+    table = []
     for n_views in views_list:
         _, _, lms, lpk, lbig, _ = by[(n_views, "local")]
         _, _, fms, fpk, fbig, fest = by[(n_views, "full")]
         mem_ratio = fpk / lpk if fpk and lpk and lpk > 0 else None
         time_ratio = fms / lms if fms and lms else None
-        full_pk = fmt(fpk, ".1f") if fpk is not None else f"skipped (est {fest:.0f} GiB)"
-        print(f"| {n_views} | {args.world} | {fmt(lms, '.1f')} | {fmt(fms, '.1f')} | {fmt(lpk, '.1f')} [{lbig:.1f}] "
-              f"| {full_pk} [{fbig:.1f}] | {fmt(mem_ratio, '.1f')} | {fmt(time_ratio, '.1f')} |")
+        full_pk = figure_or(fpk, ".1f", f"skipped (est {fest:.0f} GiB)")
+        table.append((n_views, args.world, figure_or(lms, ".1f", "skipped"), figure_or(fms, ".1f", "skipped"),
+                      f"{figure_or(lpk, '.1f', 'skipped')} [{lbig:.1f}]", f"{full_pk} [{fbig:.1f}]",
+                      figure_or(mem_ratio, ".1f", "skipped"), figure_or(time_ratio, ".1f", "skipped")))
+    print(markdown_table(("global views", "world", "local-rows ms", "full-matrix ms", "local-rows peak MiB [largest]",
+                          "full-matrix peak MiB [largest]", "mem ratio full/local", "time ratio full/local"),
+                         table, align="rrrrrrrr"))
 
 
 if __name__ == "__main__":

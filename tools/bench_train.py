@@ -256,11 +256,8 @@ def _benchmark(cfg, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def markdown_table(r: dict[str, Any]) -> str:
-    from lacvit_dist.log import markdown_table as table
-
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
+def result_table(r: dict[str, Any]) -> str:
+    from lacvit_dist.log import figure_or as fmt, markdown_table
 
     rows = [
         ("model", f"{r['model']} ({r['params_m']:.2f}M params, {r['img_size']}px)"),
@@ -278,7 +275,7 @@ def markdown_table(r: dict[str, Any]) -> str:
         ("bare PyTorch step (median, s)", fmt(r["bare_step_s"], ".4f")),
         ("step time ratio lacvit_dist / bare PyTorch", fmt(r["ratio"], ".3f")),
     ]
-    return table(("metric", "value"), rows)
+    return markdown_table(("metric", "value"), rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     from lacvit_dist import distributed as D
 
     if D.rank() == 0:
-        print(markdown_table(result), flush=True)
+        print(result_table(result), flush=True)
     return 0
 
 

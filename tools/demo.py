@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from lacvit_dist.distributed import free_port
+from lacvit_dist.log import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,9 +49,9 @@ def main() -> int:
             ("CE fine-tuning baseline", res["baseline"]["test"], res["baseline"]["wall_time_s"])]
     print(f"\nDigits test split ({res['stage2']['test']['samples']} images, every one evaluated once), "
           f"{args.ranks} CPU ranks, run folder {run_dir}:")
-    print("| method | Top-1 | Top-5 | wall time (s) |\n|---|---|---|---|")
-    for method, test, wall in rows:
-        print(f"| {method} | {test['top1']:.4f} | {test['top5']:.4f} | {wall:.0f} |")
+    print(markdown_table(("method", "Top-1", "Top-5", "wall time (s)"),
+                         [(method, f"{test['top1']:.4f}", f"{test['top5']:.4f}", f"{wall:.0f}")
+                          for method, test, wall in rows]))
     print(f"\ntotal {time.time() - started:.0f} s; TensorBoard: tensorboard --logdir {run_dir}")
     return 0
 

@@ -264,23 +264,19 @@ def run_parts(names: list[str], plan: Plan, parts_dir: Path) -> int:
     return 1 if failed else 0
 
 
-def _fmt(v: Any, spec: str = ".3g") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def markdown(parts: dict[str, dict], tests: dict[str, Any]) -> str:
+    from lacvit_dist.log import figure_or, markdown_table
+
     lines = ["# GPU check", ""]
     mm = (parts.get("matmul") or {}).get("figures") or {}
     ceiling = mm.get("bf16_matmul_tflops")
     lines += [f"Device: {mm.get('device', '?')}, torch {mm.get('torch', '?')}; bf16 matmul ceiling "
-              f"{_fmt(ceiling, '.3g')} TFLOP/s (n={mm.get('n')}).", "",
+              f"{figure_or(ceiling, '.3g')} TFLOP/s (n={mm.get('n')}).", "",
               f"GPU test subset (tests/test_gpu_cuda.py): exit {tests.get('rc')}; {tests.get('summary', '-')}", "",
-              "| part | status | wall s |", "|---|---|---:|"]
-    lines += [f"| {p} | {parts[p]['status'] if p in parts else 'not run'} | "
-              f"{_fmt(parts.get(p, {}).get('wall_s'), '.0f')} |" for p in PARTS]
-    lines += ["", "## Stage-1 throughput (bf16, 224 px, one GPU)", "",
-              "| model | mode | micro-batch | images/s | views/s | step s | peak GiB | TFLOP/s | MFU (datasheet) | MFU (matmul ceiling) |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              markdown_table(("part", "status", "wall s"),
+                             [(p, parts[p]["status"] if p in parts else "not run",
+                               figure_or(parts.get(p, {}).get("wall_s"), ".0f")) for p in PARTS], align="llr")]
+    rows = []
     thr = (parts.get("throughput") or {}).get("figures") or {}
     comp = (parts.get("compile") or {}).get("figures") or {}
     for model in MODELS:
@@ -288,23 +284,25 @@ def markdown(parts: dict[str, dict], tests: dict[str, Any]) -> str:
             if not r or "images_per_s" not in r:
                 continue
             tf = r.get("tflops_per_s_per_rank")
-            lines.append(f"| {model} | {mode} | {r['micro_batch']} | {_fmt(r['images_per_s'], '.1f')} | "
-                         f"{_fmt(r['views_per_s'], '.1f')} | {_fmt(r['step_s'], '.4f')} | "
-                         f"{_fmt(r['peak_memory_gib'], '.1f')} | {_fmt(tf, '.1f')} | {_fmt(r.get('mfu'), '.3f')} | "
-                         f"{_fmt(tf / ceiling if tf and ceiling else None, '.3f')} |")
+            rows.append((model, mode, r["micro_batch"], figure_or(r["images_per_s"], ".1f"), figure_or(r["views_per_s"], ".1f"),
+                         figure_or(r["step_s"], ".4f"), figure_or(r["peak_memory_gib"], ".1f"), figure_or(tf, ".1f"),
+                         figure_or(r.get("mfu"), ".3f"), figure_or(tf / ceiling if tf and ceiling else None, ".3f")))
+    lines += ["", "## Stage-1 throughput (bf16, 224 px, one GPU)", "",
+              markdown_table(("model", "mode", "micro-batch", "images/s", "views/s", "step s", "peak GiB", "TFLOP/s",
+                              "MFU (datasheet)", "MFU (matmul ceiling)"), rows, align="llrrrrrrrr")]
     mb = (parts.get("max_batch") or {}).get("figures") or {}
     largest = mb.get("largest") or {}
     lines += ["", f"Largest ViT-H/14 micro-batch, ZeRO-2 + activation checkpointing: {largest.get('micro_batch', '-')} "
-              f"(peak {_fmt(largest.get('peak_memory_gib'), '.1f')} GiB; tried {[t.get('micro_batch') for t in mb.get('tried', [])]}, "
+              f"(peak {figure_or(largest.get('peak_memory_gib'), '.1f')} GiB; tried {[t.get('micro_batch') for t in mb.get('tried', [])]}, "
               f"OOM at {[t['micro_batch'] for t in mb.get('tried', []) if t.get('oom')] or 'none'}).", ""]
     share = (parts.get("loss_share") or {}).get("figures") or {}
     lines += ["Share of the eager step in the gathered loss (forward + backward; one GPU, no cross-rank traffic): " +
-              ", ".join(f"{m} {_fmt(v.get('share'), '.3f')}" for m, v in share.items()), ""]
+              ", ".join(f"{m} {figure_or(v.get('share'), '.3f')}" for m, v in share.items()), ""]
     ld = (parts.get("loader") or {}).get("figures") or {}
     loader = ld.get("loader") or {}
-    lines += [f"Loader at {loader.get('img_size', '-')} px, {loader.get('workers', '-')} workers: {_fmt(loader.get('train_loader_images_per_s'), '.0f')} "
-              f"images/s (bare decode + augment {_fmt(loader.get('bare_images_per_s'), '.0f')}); loader / GPU: " +
-              ", ".join(f"{m} {_fmt(v['loader_over_gpu'], '.2f')}" for m, v in (ld.get("against_gpu") or {}).items()), ""]
+    lines += [f"Loader at {loader.get('img_size', '-')} px, {loader.get('workers', '-')} workers: {figure_or(loader.get('train_loader_images_per_s'), '.0f')} "
+              f"images/s (bare decode + augment {figure_or(loader.get('bare_images_per_s'), '.0f')}); loader / GPU: " +
+              ", ".join(f"{m} {figure_or(v['loader_over_gpu'], '.2f')}" for m, v in (ld.get("against_gpu") or {}).items()), ""]
     for p in PARTS:
         if parts.get(p, {}).get("status") == "failed":
             lines += [f"### {p} failed", "", "```", parts[p]["error"].strip(), "```", ""]
