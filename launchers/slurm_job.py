@@ -19,11 +19,11 @@ by submitit's own handler, which calls `checkpoint()` (counted there).
 A lost peer: when a rank's process dies, hangs or is cut off (its node failed), the others fail in a collective
 at once (a reset connection) or after `run.collective_timeout_s` and leave the trainer with `LOST_PEER_EXIT_CODE`
 (76). The first of them to claim it requeues the job the same way (counted against --max-requeues), unless a rank
-recorded a failure of its own program (`failed_<restart>_rank<k>.json`, lacvit_dist.rank_failures; a bug is
-not retried). The restart
-resumes from the latest checkpoint. When every task was killed before one could (NCCL's watchdog ends the waiting
-ranks itself at the timeout), the job's batch shell requeues it after srun (`after_step`, submitit's teardown). A
-node that SLURM sees fail (NODE_FAIL) is requeued by SLURM itself (`--requeue`).
+recorded a failure of its own program (`failed_<restart>_rank<k>.json`, lacvit_dist.rank_failures; a bug is not
+retried). The restart resumes from the latest checkpoint. When every task was killed before one could (NCCL's
+watchdog ends the waiting ranks itself at the timeout), the job's batch shell requeues it after srun
+(`after_step`, submitit's teardown). A node that SLURM sees fail (NODE_FAIL) is requeued by SLURM itself
+(`--requeue`).
 """
 from __future__ import annotations
 
