@@ -102,8 +102,14 @@ def test_corrupt_image_during_overwrite_keeps_the_previous_set(tmp_path):
 def start_and_signal(argv: list[str], out: Path, sig: int) -> subprocess.Popen:
     """Start the tools script in its own process group, wait until its new set has a finished shard beside
     `out`, then send `sig` to the whole group (as a terminal's Ctrl-C does)."""
-    proc = subprocess.Popen(ENTRY_POINTS["tools_script"] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    # A shell's background job (`cmd &` without job control, nohup) starts with SIGINT ignored and its children
+    # inherit that: the writer gets the disposition a terminal's foreground job has, whatever started the suite.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(ENTRY_POINTS["tools_script"] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 120
     while not list(out.parent.glob(f".{out.name}.partial-*/train-000001.tar")):
         assert proc.poll() is None, f"finished before it could be interrupted: {proc.communicate()}"
