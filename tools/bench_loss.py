@@ -196,16 +196,17 @@ def main(argv=None) -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nSupCon loss forward+backward, fp32, dim {args.dim}, 2 views/image, {args.classes} classes, "
           f"{dev_name}, torch {torch.__version__}. Peak = {kind}; [largest tensor = fp32 rows x N logits].\n")
+    def cell(value: float | None, missing: str = "skipped") -> str:
+        return figure_or(value, ".1f", missing)
+
     table = []
     for n_views in views_list:
         _, _, lms, lpk, lbig, _ = by[(n_views, "local")]
         _, _, fms, fpk, fbig, fest = by[(n_views, "full")]
         mem_ratio = fpk / lpk if fpk and lpk and lpk > 0 else None
         time_ratio = fms / lms if fms and lms else None
-        full_pk = figure_or(fpk, ".1f", f"skipped (est {fest:.0f} GiB)")
-        table.append((n_views, args.world, figure_or(lms, ".1f", "skipped"), figure_or(fms, ".1f", "skipped"),
-                      f"{figure_or(lpk, '.1f', 'skipped')} [{lbig:.1f}]", f"{full_pk} [{fbig:.1f}]",
-                      figure_or(mem_ratio, ".1f", "skipped"), figure_or(time_ratio, ".1f", "skipped")))
+        table.append((n_views, args.world, cell(lms), cell(fms), f"{cell(lpk)} [{lbig:.1f}]",
+                      f"{cell(fpk, f'skipped (est {fest:.0f} GiB)')} [{fbig:.1f}]", cell(mem_ratio), cell(time_ratio)))
     print(markdown_table(("global views", "world", "local-rows ms", "full-matrix ms", "local-rows peak MiB [largest]",
                           "full-matrix peak MiB [largest]", "mem ratio full/local", "time ratio full/local"),
                          table, align="rrrrrrrr"))
