@@ -88,6 +88,17 @@ def test_two_ranks_two_workers_partition_every_epoch(even):
     assert other_seed != per_rank[0][:48]
 
 
+def test_four_ranks_two_workers_partition_every_epoch(even):
+    """The layout of the 2-node tests (4 ranks) with 2 workers each: 8 streams of one shard each."""
+    plan = finite_epoch_plan(even, 4, 2, 4)
+    per_rank = [keys_of(take(finite(even, 4, rank=rank, world_size=4, workers=2), 2 * plan.batches_per_rank))
+                for rank in range(4)]
+    share = plan.batches_per_rank * 4
+    for epoch in range(2):
+        union = [key for keys in per_rank for key in keys[epoch * share:(epoch + 1) * share]]
+        assert len(union) == len(set(union)) and set(union) == all_keys(even)
+
+
 def test_uneven_shards_give_every_rank_the_same_batches(tmp_path):
     """Shards of 11..5 samples: the plan cuts every stream to what its worst deal holds, so each rank's epoch
     window holds distinct samples of that epoch only, and no sample is given to two ranks in one epoch."""

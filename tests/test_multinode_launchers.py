@@ -1,9 +1,9 @@
 """Every launch path of the README across a real 2-node SLURM cluster (launchers/local_cluster.py --nodes 2, as in
 tests/test_multinode.py), 2 gloo ranks per node, gives exactly the numbers of 1 node x 4 ranks:
 
-* the reference: stage 1 in finite epochs (tests/test_layouts.py's LAYOUT, tiny model, 2 epochs) as one SLURM
-  job of 4 tasks on one node (`srun python train.py`; each test node declares 2 CPUs, so the job is
-  `--overcommit`: sbatch refuses `--ntasks-per-node=4` there even with it, `--ntasks=4` it takes);
+* the reference: stage 1 in finite epochs (tiny model, 2 epochs) as one SLURM job of 4 tasks on one node
+  (`srun python train.py`; each test node declares 2 CPUs, so the job is `--overcommit`: sbatch refuses
+  `--ntasks-per-node=4` there even with it, `--ntasks=4` it takes);
 * the same config on node[1-2], 2 ranks each, through
   - `launchers/submit.py --nodes 2 --tasks-per-node 2` (submitit, one SLURM task per rank);
   - `srun --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=2 --rdzv_backend=c10d ...` in an sbatch
@@ -25,7 +25,7 @@ trainer took. So the test also checks who ran where (ranks 0-1 on node1, 2-3 on 
 variables or SLURM's), that each rank read the reference rank's samples in the reference's order, and that in
 each epoch the 4 ranks and their data workers read no sample twice and read every sample the finite-epoch plan
 deals (1,024 of the 1,258: 8 batches of 32 per rank; the 234 the equal cut leaves out are logged by the trainer;
-exact cover of a split that divides evenly is tests/test_layouts.py's).
+exact cover of a split that divides evenly is tests/test_epochs.py's).
 
 Without SLURM, iproute2/util-linux or root the module is skipped, except under CI=true where it fails.
 """
@@ -39,10 +39,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from test_layouts import LAYOUT
 from test_multinode import NODES, WORLD, cluster2, job_fields, plain_logs, wait_for_job  # noqa: F401 (a fixture)
 from test_slurm import CONFIG, SUBMIT, jobs_of
-from test_train import BIN
+from test_train import BIN, TINY
 
 from launchers import status
 from lacvit_dist.data.pipeline import finite_epoch_plan
@@ -50,9 +49,10 @@ from lacvit_dist.data.shards import load_info
 
 PER_NODE = WORLD // NODES
 EPOCHS = 2
-MICRO_BATCH = 32  # LAYOUT's
-# LAYOUT without run.stages (submit.py takes --stages; so does train.py), over two finite epochs.
-OVERRIDES = [o for o in LAYOUT if not o.startswith("run.stages=")] + [f"stage1.epochs={EPOCHS}"]
+MICRO_BATCH = 32
+# Stage 1 of the tiny model in finite epochs (stage chosen by --stages: submit.py takes it, so does train.py).
+OVERRIDES = [*TINY, "data.epoch_mode=finite", "stage1.steps_per_epoch=null", f"stage1.epochs={EPOCHS}",
+             f"stage1.micro_batch_size={MICRO_BATCH}", "data.num_workers=1", "data.val_split=null"]
 HOOKS = REPO / "tests" / "job_hooks"  # sitecustomize.py: the trace (LACVIT_TEST_TRACE)
 JOB_TIMEOUT_S = 300  # one run takes 25-40 s on 2 idle cores
 
