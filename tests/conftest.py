@@ -10,6 +10,12 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pythonpath(*first: Path) -> str:
+    """PYTHONPATH for a child process: `first`, then the caller's own (where `make test-device` puts the carried
+    wheels of the GPU machine's packages)."""
+    return os.pathsep.join([*map(str, first), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     from lacvit_dist.data.make_shards import main as make_shards

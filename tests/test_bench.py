@@ -4,9 +4,9 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, pythonpath
+
 TINY = ["model.name=vit_tiny_patch16_224", "model.overrides.img_size=16", "model.overrides.patch_size=4",
         "model.overrides.embed_dim=32", "model.overrides.depth=1", "model.overrides.num_heads=2", "model.proj_dim=16"]
 
@@ -14,7 +14,7 @@ TINY = ["model.name=vit_tiny_patch16_224", "model.overrides.img_size=16", "model
 def test_bench_train_prints_positive_figures():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath(REPO))
     cmd = [sys.executable, str(REPO / "tools" / "bench_train.py"), "--config", str(REPO / "configs" / "demo_digits.yaml"),
            "--batch", "8", "--steps", "1", "--warmup", "1", "--baseline", "on", "--quiet", "run.device=cpu", *TINY]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=REPO)

@@ -5,11 +5,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, pythonpath
 
 SCRIPT = textwrap.dedent("""
     import deepspeed, torch
@@ -35,7 +34,7 @@ SCRIPT = textwrap.dedent("""
 def test_two_jobs_in_one_process():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=pythonpath(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "two jobs ok" in proc.stdout

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, pythonpath
 from test_multinode import NODES, WORLD, cluster2, job_fields, plain_logs, wait_for_job  # noqa: F401 (a fixture)
 from test_slurm import CONFIG, SUBMIT, jobs_of
 from test_train import BIN, TINY
@@ -96,7 +96,7 @@ LAUNCHES = {
 def job_env(trace: Path) -> dict[str, str]:
     """The submitting environment (sbatch exports it to the job): one thread per rank, the trace hook."""
     trace.mkdir(parents=True)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HOOKS), "LACVIT_TEST_TRACE": str(trace)}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(HOOKS), "LACVIT_TEST_TRACE": str(trace)}
 
 
 def train_args(run_dir: Path, data: Path) -> str:

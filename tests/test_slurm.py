@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, pythonpath
 
 from launchers import local_cluster, slurm_job, status
 from lacvit_dist.data.shards import load_info
@@ -365,7 +365,7 @@ def test_a_bug_on_one_rank_fails_the_job_and_is_not_retried(launch, slurm_cluste
     trains on. Rank 0 loses its peer and leaves with 76, as when a node dies, and srun reports 76. But rank 1
     recorded its error, so the job is not requeued (a bug would only repeat) and fails naming it: under submit.py
     (rank 0 claims the lost peer, finds the record) and under the plain sbatch script --dry-run prints alike."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests" / "job_hooks"),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(REPO / "tests" / "job_hooks"),
            "LACVIT_TEST_FAIL_RANK": "1"}
     args = ["--config", str(CONFIG), *RESOURCES, "--stages", "stage1", "--output-dir", str(tmp_path), "--run-name",
             launch, "--max-requeues", "2", f"data.root={digits_root}", *TINY, "stage1.steps_per_epoch=50",
