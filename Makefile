@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test clean setup-torch211 test-torch211 device-wheels gpu-check-dry-run
+.PHONY: setup demo test clean setup-device test-device device-wheels gpu-check-dry-run
 
 setup: $(STAMP)
 
@@ -28,31 +28,42 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) runs data
 
-# A second environment on the lent GPU machine's torch (2.11, Python 3.12 where there is one) for a fast subset.
-# PyPI has only the CUDA build of torch; its CUDA libraries (same cu13 sonames) are linked from .venv instead of
-# downloaded again (3.2 GB): they are loaded at import and never used on CPU. Cost: ~0.6 GB download, ~2 GB disk.
-T211 ?= .venv-torch211
-T211_PYTHON ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12 $(PYTHON); do \
+# The lent GPU machine's stack, rehearsed on the CPU (.ci/run runs it): Python 3.12 (the carried wheels' own) with
+# only the packages that machine has (requirements/device.txt: torch 2.11, its huggingface_hub, ...); deepspeed,
+# webdataset, submitit, fairscale, pydantic and timm come from the carried .whl/ folder, installed the way
+# tools/gpu_check.sh installs them there. Then the check's own dry run (its GPU test subset included) and a fast
+# subset of the suite. PyPI has only the CUDA build of torch 2.11: its CUDA libraries (same cu13 sonames) are
+# linked from .venv instead of downloaded again (3.2 GB): loaded at import, never used on the CPU.
+DEVICE_VENV ?= .venv-device
+DEVICE_PYTHON ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12; do \
 	$$p -c 'import sys' >/dev/null 2>&1 && { echo $$p; break; }; done)
-T211_TESTS ?= tests/test_config.py tests/test_losses.py tests/test_models.py tests/test_engine_config.py \
-	tests/test_bench.py tests/test_compile.py tests/test_feature_cache.py tests/test_gpu_cuda.py tests/test_gpu_check.py
+DEVICE_SITE := $(abspath $(DEVICE_VENV))/carried
+DEVICE_TESTS ?= tests/test_config.py tests/test_losses.py tests/test_models.py tests/test_engine_config.py \
+	tests/test_bench.py tests/test_compile.py tests/test_feature_cache.py tests/test_checkpoint.py \
+	tests/test_pretrained_hub_cache.py tests/test_pipeline.py tests/test_zero_stages.py tests/test_bf16_gradients.py
 
-setup-torch211: $(T211)/.installed
+setup-device: $(DEVICE_VENV)/.installed
 
-$(T211)/.installed: requirements/torch211.txt requirements/lock.txt setup.py | $(STAMP)
-	$(T211_PYTHON) -m venv $(T211)
-	$(T211)/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/torch211.txt wheel "setuptools<82"
+# pip resolves the dependencies of installed packages too: torch and the two packages that require it (torchvision,
+# timm) go in with --no-deps, so that it never fetches torch's CUDA libraries (or triton, which the CPU never uses).
+$(DEVICE_VENV)/.installed: requirements/device.txt requirements/lock.txt | $(STAMP)
+	@test -n "$(DEVICE_PYTHON)" || { echo "make setup-device: no Python 3.12 found (set DEVICE_PYTHON=...)"; exit 1; }
+	$(DEVICE_PYTHON) -m venv $(DEVICE_VENV)
 	ln -sfn $$(cd $$(dirname $$(echo $(VENV)/lib/python3*/site-packages/nvidia)) && pwd)/nvidia \
-		$$(echo $(T211)/lib/python3*/site-packages)/nvidia
-	grep -viE '^(torch|torchvision|triton|nvidia-|cuda-)' requirements/lock.txt > $(T211)/lock-no-torch.txt
-	DS_BUILD_OPS=0 $(T211)/bin/python -m pip install -q --disable-pip-version-check --no-deps \
-		--no-build-isolation -r $(T211)/lock-no-torch.txt
-	$(T211)/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+		$$(echo $(DEVICE_VENV)/lib/python3*/site-packages)/nvidia
+	grep -viE '^(torch|torchvision|triton|nvidia-|cuda-|huggingface.hub)==' requirements/lock.txt \
+		> $(DEVICE_VENV)/constraints.txt
+	$(DEVICE_VENV)/bin/python -m pip install -q --disable-pip-version-check -c $(DEVICE_VENV)/constraints.txt \
+		$$(grep -vE '^(#|torch==|torchvision==|timm$$)' requirements/device.txt)
+	$(DEVICE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+		$$(grep -E '^(torch|torchvision)==' requirements/device.txt) $$(grep -E '^timm==' requirements/lock.txt)
 	touch $@
 
-test-torch211: $(T211)/.installed
-	$(T211)/bin/python -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0])'
-	$(T211)/bin/python -m pytest -q $(T211_TESTS)
+test-device: $(DEVICE_VENV)/.installed device-wheels
+	rm -rf $(DEVICE_SITE)
+	GPU_CHECK_PYTHON=$(DEVICE_VENV)/bin/python GPU_CHECK_SITE=$(DEVICE_SITE) \
+		tools/gpu_check.sh --dry-run runs/gpu_check_device_rehearsal
+	PYTHONPATH=$(CURDIR):$(DEVICE_SITE) HF_HUB_OFFLINE=1 $(DEVICE_VENV)/bin/python -m pytest -q -p no:cacheprovider $(DEVICE_TESTS)
 
 # The wheels the GPU machine lacks, into .whl/ (ignored; carried with `run`), and the CPU dry run of the check.
 device-wheels: $(STAMP)

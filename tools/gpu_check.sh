@@ -10,8 +10,8 @@
 #
 # On the device (prepare .whl/ here first: .venv/bin/python tools/prepare_device_wheels.py), run with
 # carry=[".whl"]:  tools/gpu_check.sh
-# The wheels are installed to /tmp/site when deepspeed is missing. --dry-run runs every part on the CPU with
-# tiny models (tests/test_gpu_check.py does), so a typo cannot waste device time.
+# The wheels are installed to GPU_CHECK_SITE (default /tmp/site) when deepspeed is missing. --dry-run runs
+# every part on the CPU with tiny models (tests/test_gpu_check.py does), so a typo cannot waste device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -24,13 +24,14 @@ START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-450}))
 PARTS_DIR=$(mktemp -d /tmp/gpu_check_parts.XXXXXX)
 LOG="$REPORT_DIR/gpu_check.log"
+SITE="${GPU_CHECK_SITE:-/tmp/site}"
 : >"$LOG"
 
 if ! "$PY" -c "import deepspeed, webdataset, submitit, fairscale" 2>/dev/null; then
   if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
       || { echo "gpu_check: installing .whl/*.whl failed" | tee -a "$LOG"; exit 2; }
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   else
     echo "gpu_check: deepspeed/webdataset/submitit/fairscale missing and no .whl/ carried" \
          "(run tools/prepare_device_wheels.py here and carry .whl)" | tee -a "$LOG"

@@ -5,7 +5,7 @@
 
 That machine has Python 3.12 with torch 2.11 (+cu130), timm, tensorboard, matplotlib, numpy, scikit-learn,
 msgpack, ninja, psutil, py-cpuinfo, einops, cloudpickle; nothing can be downloaded there. It lacks the packages
-below. deepspeed and fairscale ship as sdists: they are built here as py3-none-any wheels with no compiled ops
+below (timm is carried at the lock's version; `make test-device` rehearses that stack here). deepspeed and fairscale ship as sdists: they are built here as py3-none-any wheels with no compiled ops
 (DS_BUILD_OPS=0; the project uses torch's fused AdamW, never DeepSpeed's JIT-built FusedAdam). The others are
 downloaded for CPython 3.12 on manylinux x86-64 (pydantic-core is the only compiled one). Versions come from
 requirements/lock.txt. The wheels plus the working tree must stay under the tool's 64 MiB per call.
@@ -22,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LIMIT_MIB = 64.0  # the device tool's working-tree limit (tracked + untracked-not-ignored + carried paths)
 BUILT = ["deepspeed", "fairscale"]  # sdists: pip wheel here, no compiled ops
-DOWNLOADED = ["webdataset", "submitit", "hjson", "braceexpand", "pydantic", "pydantic_core", "annotated-types",
+# timm is on that machine at a version nobody has read: the lock's is carried so that the models are the tested ones.
+DOWNLOADED = ["timm", "webdataset", "submitit", "hjson", "braceexpand", "pydantic", "pydantic_core", "annotated-types",
               "typing-inspection", "typing_extensions"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "
