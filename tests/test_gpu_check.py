@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from tools import gpu_check
@@ -27,7 +28,11 @@ def test_dry_run_writes_every_part(tmp_path):
         assert figures["throughput"][model]["best"]["images_per_s"] > 0
         assert 0 < figures["loss_share"][model]["share"]
         assert figures["loader"]["against_gpu"][model]["loader_over_gpu"] > 0
-    assert figures["compile"]["vit_l16"]["images_per_s"] > 0
+    compiled, eager = figures["compile"]["vit_l16"], figures["throughput"]["vit_l16"]["best"]
+    assert compiled["images_per_s"] > 0 and compiled["micro_batch"] == eager["micro_batch"]
+    # The compiled step's TFLOP/s: the eager count of the same step over the compiled step's time.
+    assert compiled["flops_per_step"] == eager["flops_per_step"] > 0
+    assert compiled["tflops_per_s_per_rank"] * 1e12 * compiled["step_s"] == pytest.approx(eager["flops_per_step"])
     assert figures["max_batch"]["largest"]["micro_batch"] == 4 and figures["max_batch"]["largest"]["checkpointing"] == "timm"
     report = (tmp_path / "gpu_check.md").read_text()
     assert "| vit_l16 | compiled | 2 |" in report and "| vit_h14 | eager | 2 |" in report

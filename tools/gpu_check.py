@@ -86,7 +86,7 @@ def bench(plan: Plan, model: str, batch: int, extra: list[str] | None = None, **
 
 def _compact(r: dict[str, Any]) -> dict[str, Any]:
     keys = ("model", "params_m", "micro_batch", "precision", "zero_stage", "checkpointing", "step_s", "images_per_s",
-            "views_per_s", "peak_memory_gib", "flops_per_step", "tflops_per_s_per_rank", "mfu", "device")
+            "views_per_s", "peak_memory_gib", "flops_per_step", "tflops_per_s_per_rank", "mfu", "peak_tflops", "device")
     return {k: r.get(k) for k in keys}
 
 
@@ -131,23 +131,31 @@ def part_throughput(plan: Plan, _: dict) -> dict[str, Any]:
     return out
 
 
-def _best_batch(done: dict, model: str, plan: Plan) -> int:
-    best = (done.get("throughput", {}).get("figures") or {}).get(model, {}).get("best")
-    return best["micro_batch"] if best else plan.batches[model][0]
+def _eager_best(done: dict, model: str) -> dict[str, Any] | None:
+    return (done.get("throughput", {}).get("figures") or {}).get(model, {}).get("best")
 
 
 def part_compile(plan: Plan, done: dict) -> dict[str, Any]:
     """The same step under torch.compile (DeepSpeed's engine.compile) at each model's best eager batch;
-    ViT-L first (the MFU goal is set for it)."""
+    ViT-L first (the MFU goal is set for it). MFU counts the model's FLOPs, which compiling does not change: the
+    eager run's count at the same batch is used, since a FLOP counter (a dispatch mode) sees only the kernels of
+    a compiled graph that go through aten, and makes dynamo skip frames it has not compiled yet."""
     out: dict[str, Any] = {}
     for model in plan.compile_models:
         if plan.left_s() < (30 if plan.dry_run else 120):  # inductor's first compile of a ViT takes ~1 min
             out[model] = {"skipped": "time budget"}
             continue
+        eager = _eager_best(done, model)
         extra = ["deepspeed.compile=true", f"deepspeed.compile_backend={plan.compile_backend}"]
         start = time.time()
-        out[model] = _compact(bench(plan, model, _best_batch(done, model, plan), extra))
-        out[model].update(backend=plan.compile_backend, wall_s_with_compile=time.time() - start)
+        r = _compact(bench(plan, model, eager["micro_batch"] if eager else plan.batches[model][0], extra,
+                           flops=eager is None))
+        if eager and eager.get("flops_per_step"):
+            r["flops_per_step"] = eager["flops_per_step"]
+            r["tflops_per_s_per_rank"] = eager["flops_per_step"] / r["step_s"] / 1e12
+            if eager.get("peak_tflops"):
+                r.update(mfu=r["tflops_per_s_per_rank"] / eager["peak_tflops"], peak_tflops=eager["peak_tflops"])
+        out[model] = {**r, "backend": plan.compile_backend, "wall_s_with_compile": time.time() - start}
         import torch._dynamo
 
         torch._dynamo.reset()
@@ -164,7 +172,7 @@ def part_loss_share(plan: Plan, done: dict) -> dict[str, Any]:
 
     out = {}
     for model in MODELS:
-        best = (done.get("throughput", {}).get("figures") or {}).get(model, {}).get("best")
+        best = _eager_best(done, model)
         if not best:
             out[model] = {"skipped": "no eager throughput figure"}
             continue
