@@ -61,7 +61,7 @@ def test_cut_train_shard_counted_as_lost_samples_or_named(cut):
                           epoch_mode="finite", rank=0, world_size=1)
     with pytest.warns(UserWarning, match=r"unreadable_tar.*train-000001\.tar.*read 4 of the 10"):
         batches = list(itertools.islice(stream, 8))  # the 14 samples of one pass, then the refill pass
-    assert batches[-1].bad_samples[1]["unreadable_tar"] == 6  # counted in samples, like every kind
+    assert batches[-1].stream.bad_samples["unreadable_tar"] == 6  # counted in samples, like every kind
     strict = train_loader(cut, 10, evaluation(STATS), 2, seed=0, num_workers=0, shuffle_buffer=0,
                           epoch_mode="finite", rank=0, world_size=1, skip_bad_samples=False)
     with pytest.raises(BadSampleError, match=r"split 'train', shard .*train-000001\.tar: unreadable tar") as err:

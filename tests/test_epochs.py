@@ -33,9 +33,10 @@ def _png(value: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_shards(root: Path, lengths: list[int], bad: set[str] = frozenset()) -> SplitInfo:
+def write_shards(root: Path, lengths: list[int], bad: set[str] = frozenset(),
+                 bad_labels: set[str] = frozenset()) -> SplitInfo:
     """Shards of the given lengths; sample i of shard s has key s{s}_{i}, label (s + i) % CLASSES; keys in
-    `bad` get bytes that are not an image."""
+    `bad` get bytes that are not an image, keys in `bad_labels` a label that is not a number."""
     root.mkdir(parents=True, exist_ok=True)
     names = []
     for s, length in enumerate(lengths):
@@ -44,7 +45,7 @@ def write_shards(root: Path, lengths: list[int], bad: set[str] = frozenset()) ->
             for i in range(length):
                 key = f"s{s}_{i}"
                 sink.write({"__key__": key, "png": b"broken" if key in bad else _png(31 * s + i),
-                            "cls": str((s + i) % CLASSES).encode()})
+                            "cls": b"x" if key in bad_labels else str((s + i) % CLASSES).encode()})
     return SplitInfo(name="train", filenames=tuple(names), shard_lengths=tuple(lengths))
 
 
@@ -175,12 +176,48 @@ def test_bad_samples_never_shorten_an_epoch(tmp_path):
     with pytest.warns(UserWarning, match="second time"):
         batches = take(finite(split, 4, rank=0, world_size=1, workers=0), 4)
     assert [len(b.keys) for b in batches] == [4, 4, 4, 4]
-    assert "s0_2" not in keys_of(batches) and batches[-1].bad_samples[1]["undecodable_image"] >= 1
+    assert "s0_2" not in keys_of(batches) and batches[-1].stream.bad_samples["undecodable_image"] >= 1
     dead = write_shards(tmp_path / "all_bad", [4, 4], bad={f"s{s}_{i}" for s in (0, 1) for i in range(4)})
     with pytest.raises(FiniteEpochError, match="too many bad samples"), pytest.warns(UserWarning):
         take(finite(dead, 4, rank=0, world_size=1, workers=0), 1)
     with pytest.raises(BadSampleError, match="s0_2"):
         take(finite(split, 4, rank=0, world_size=1, workers=0, skip_bad_samples=False), 2)
+
+
+def _bad_totals(batches) -> Counter:
+    """Skipped samples over the streams, as the trainer adds them up: each stream's count at its latest batch."""
+    latest = {b.stream.role: b.stream.bad_samples for b in batches}
+    return sum((Counter(counts) for counts in latest.values()), Counter())
+
+
+@pytest.mark.filterwarnings("ignore:skipped bad sample")
+@pytest.mark.parametrize("mode, workers, m", [("resampled", 2, 0), ("finite", 2, 0), ("finite", 0, 0),
+                                              ("resampled", 2, 1), ("finite", 2, 1)])
+def test_resume_after_dropped_bad_samples_is_exact(tmp_path, mode, workers, m):
+    """Bad samples dropped before the checkpoint move every later batch along its stream. A stream resumed
+    from the positions the trainer kept (each stream's last batch's) yields exactly what the uninterrupted one
+    yields next, keys and pixels, and the checkpoint's skipped-sample counts plus the resumed streams' equal
+    the uninterrupted run's (the skipped part is re-read, not re-counted). Class-aware grouping (m = 1) meets
+    the bad labels before the skip, plain batches after it."""
+    split = write_shards(tmp_path, [13] * 8, bad={f"s{s}_3" for s in range(8)},
+                         bad_labels={f"s{s}_{7 + s % 2}" for s in range(8)})
+    start, more = 7, 6
+    transform = MultiView(contrastive_view(STATS, 0.5, 0.4), views=2)
+
+    def stream(start_batch=0, positions=None):
+        return train_loader(split, CLASSES, transform, 4, seed=1, num_workers=workers, shuffle_buffer=10,
+                            epoch_mode=mode, class_aware_m=m, start_batch=start_batch, rank=1, world_size=2,
+                            positions=positions)
+
+    uninterrupted = take(stream(), start + more)
+    before = uninterrupted[:start]
+    positions = {b.stream.role: b.stream.position for b in before}
+    assert max(p.units for p in positions.values()) > start // max(1, workers) * 4 // (m + 1)  # bad units were read
+    resumed = take(stream(start, positions), more)
+    assert keys_of(resumed) == keys_of(uninterrupted[start:])
+    assert all(torch.equal(a.images, b.images) for a, b in zip(resumed, uninterrupted[start:]))
+    assert _bad_totals(before) + _bad_totals(resumed) == _bad_totals(uninterrupted)
+    assert _bad_totals(uninterrupted)["undecodable_image"] > 0 and _bad_totals(uninterrupted)["bad_label"] > 0
 
 
 def _assert_class_aware(batches, m: int) -> None:

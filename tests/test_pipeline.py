@@ -139,7 +139,7 @@ def test_training_skips_and_counts_each_bad_kind(tmp_path):
     split = SplitInfo(name="train", filenames=(str(shard),), shard_lengths=(10,))
     batches = list(itertools.islice(train_loader(split, 10, transform, 3, seed=0, num_workers=0, shuffle_buffer=0), 4))
     assert {k for b in batches for k in b.keys} <= {s["__key__"] for s in good}
-    role, counts = batches[-1].bad_samples
+    role, counts = batches[-1].stream.role, batches[-1].stream.bad_samples
     assert role == 0 and counts["undecodable_image"] >= 1 and counts["no_image"] >= 1
     assert counts["bad_label"] >= 1 and counts["label_out_of_range"] >= 1
     assert counts["undecodable_image"] == counts["no_image"] == counts["bad_label"] == counts["label_out_of_range"]
@@ -148,7 +148,7 @@ def test_training_skips_and_counts_each_bad_kind(tmp_path):
     with pytest.warns(UserWarning, match="unreadable_tar"):
         batch = list(itertools.islice(train_loader(both, 10, transform, 2, seed=0, num_workers=0,
                                                    shuffle_buffer=0), 6))[-1]
-    assert batch.bad_samples[1]["unreadable_tar"] >= 1
+    assert batch.stream.bad_samples["unreadable_tar"] >= 1
 
     strict = train_loader(split, 10, transform, 3, seed=0, num_workers=0, shuffle_buffer=0, skip_bad_samples=False)
     with pytest.raises(BadSampleError, match=f"shard {shard}, key b1: cannot decode"):

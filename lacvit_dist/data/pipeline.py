@@ -12,7 +12,9 @@ Training has two epoch modes (data.epoch_mode):
   and no collective hangs; epochs follow each other seamlessly in one endless stream.
 
 Both modes can mix batches class-aware (every class in a batch appears at least m + 1 times) and resume after
-`start_batch` batches exactly as the uninterrupted stream goes on: same samples, same augmentations.
+`start_batch` batches exactly as the uninterrupted stream goes on: same samples, same augmentations. Each batch
+carries its stream's position (units read, bad ones included); resuming from those positions stays exact when
+bad samples were dropped before the checkpoint.
 """
 from __future__ import annotations
 
@@ -109,6 +111,10 @@ class BadSamples:
         self.counts = dict.fromkeys(BAD_SAMPLE_KINDS, 0)
         self.warned = 0
 
+    def reset(self) -> None:
+        """Forget the counts: a resumed stream re-reads what it skips, whose bad samples the checkpoint holds."""
+        self.counts = dict.fromkeys(BAD_SAMPLE_KINDS, 0)
+
     def skipped(self, kind: str, message: str, samples: int = 1) -> None:
         self.counts[kind] += samples
         if self.warned < 10:  # the counts, not the log, carry the rest
@@ -153,11 +159,25 @@ def _read_shards(sources: Iterable[dict], split: SplitInfo, bad: BadSamples,
                 bad.skipped("unreadable_tar", message, max(0, lost))
 
 
+class StreamPosition(NamedTuple):
+    """Where a stream stands after a batch: `units` read of `epoch` (finite mode; 0 in resampled mode), the
+    dropped bad ones included. A resumed stream skips exactly these, decoding none."""
+
+    epoch: int
+    units: int
+
+
+class StreamState(NamedTuple):
+    role: int  # which of the rank's streams produced the batch (see _StreamRole)
+    position: StreamPosition
+    bad_samples: dict[str, int]  # that stream's skipped-sample counts since this (re)start
+
+
 class Batch(NamedTuple):
     images: torch.Tensor
     labels: torch.Tensor
     keys: list[str]
-    bad_samples: tuple[int, dict[str, int]]  # (stream role, that stream's skipped-sample counts so far)
+    stream: StreamState
 
 
 def _collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -176,8 +196,9 @@ class _StreamRole:
     restart comes from the stream whose turn it was; each role skips the batches it had already produced.
     """
 
-    def __init__(self, seed: int, start_batch: int, rank: int):
+    def __init__(self, seed: int, start_batch: int, rank: int, positions: dict[int, StreamPosition] | None):
         self.seed, self.start_batch, self.rank = seed, start_batch, rank
+        self.positions = positions
 
     def resolve(self) -> tuple[int, int, int]:
         """(role, batches this role already produced, number of roles) of the calling worker."""
@@ -189,9 +210,28 @@ class _StreamRole:
     def stream_seed(self) -> int:
         return wds.utils.make_seed(self.seed, self.rank, self.resolve()[0])
 
+    def units_to_skip(self, epoch: int, batches: int, units_per_batch: int) -> int:
+        """Units this role read of `epoch` before the resume, whose last `batches` batches the trainer took: the
+        position its last batch recorded, or (none recorded: a checkpoint from before positions were kept) as
+        many as those batches hold, which is exact only if no bad sample was dropped."""
+        if batches == 0:
+            return 0
+        role = self.resolve()[0]
+        position = (self.positions or {}).get(role)
+        if position is None:
+            return batches * units_per_batch
+        if position.epoch != epoch:
+            raise ValueError(f"resume at batch {self.start_batch}: stream {role} of rank {self.rank} should stand in "
+                             f"epoch {epoch}, but the checkpoint's positions say {position}")
+        return position.units
 
-def _with_tally(batch: tuple, role: _StreamRole, bad: BadSamples) -> Batch:
-    return Batch(*batch, bad_samples=(role.resolve()[0], dict(bad.counts)))
+
+def _collate_training(examples: list[tuple], role: _StreamRole) -> Batch:
+    """A batch of (image, label, key, (position, bad-sample counts)) examples: the stream's state is its last
+    example's. Not the state at collation: webdataset's batcher has read the next unit by then."""
+    position, bad_samples = examples[-1][-1]
+    batch = _collate([example[:-1] for example in examples])
+    return Batch(*batch, stream=StreamState(role.resolve()[0], position, bad_samples))
 
 
 # ------------------------------------------------------------------------------- units, positions, augmentation
@@ -222,11 +262,17 @@ def _units(samples: Iterable[dict], group_size: int, num_classes: int, bad: BadS
             yield waiting.pop(label)
 
 
-def _numbered(units: Iterable[list[dict]], group_size: int, skip_units: int) -> Iterator[tuple[int, list[dict]]]:
+def _numbered(units: Iterable[list[dict]], group_size: int, skip_units: int,
+              bad: BadSamples) -> Iterator[tuple[int, list[dict]]]:
     """(position of the unit's first sample in the stream, unit), after skipping what a resumed run consumed.
-    Skipped units are never decoded: resuming costs reading tar bytes, not decoding images."""
+    Skipped units are never decoded: resuming costs reading tar bytes, not decoding images. The bad samples
+    met while skipping are already in the checkpoint's counts: the stream counts from the resume point on."""
     numbered = ((n * group_size, unit) for n, unit in enumerate(units))
-    return itertools.islice(numbered, skip_units, None)
+    if skip_units:
+        for _ in itertools.islice(numbered, skip_units):
+            pass
+        bad.reset()
+    yield from numbered
 
 
 def _augment(index: int, sample: dict, stream_seed: int, num_classes: int, transform: Callable) -> tuple:
@@ -240,9 +286,10 @@ def _augment(index: int, sample: dict, stream_seed: int, num_classes: int, trans
 
 
 def _examples(units: Iterable[tuple[int, list[dict]]], stream_seed: int, num_classes: int, transform: Callable,
-              bad: BadSamples) -> Iterator[tuple]:
-    """Augmented examples of each unit; a unit with a bad sample is dropped whole (a class-aware group must
-    not shrink below m + 1)."""
+              bad: BadSamples, epoch: int = 0) -> Iterator[tuple]:
+    """Augmented examples of each unit, each marked with the stream's state after its unit (position just past
+    it, bad samples counted so far); a unit with a bad sample is dropped whole (a class-aware group must not
+    shrink below m + 1)."""
     for index, unit in units:
         try:
             examples = [_augment(index + i, sample, stream_seed, num_classes, transform)
@@ -250,7 +297,8 @@ def _examples(units: Iterable[tuple[int, list[dict]]], stream_seed: int, num_cla
         except BadSampleError as err:
             bad.handle(err)
             continue
-        yield from examples
+        mark = (StreamPosition(epoch, index // len(unit) + 1), dict(bad.counts))
+        yield from ((*example, mark) for example in examples)
 
 
 class _StreamSpec(NamedTuple):
@@ -274,7 +322,7 @@ def _resampled_stream(samples: Iterator[dict], spec: _StreamSpec, role: _StreamR
     _, done, _ = role.resolve()
     stream_seed = role.stream_seed()  # resolved inside the worker, once per stream
     units = _units(_shuffled(samples, stream_seed, spec.shuffle_buffer), spec.group_size, spec.num_classes, bad)
-    numbered = _numbered(units, spec.group_size, done * spec.batch_size // spec.group_size)
+    numbered = _numbered(units, spec.group_size, role.units_to_skip(0, done, spec.batch_size // spec.group_size), bad)
     yield from _examples(numbered, stream_seed, spec.num_classes, spec.transform, bad)
 
 
@@ -350,11 +398,12 @@ def _finite_stream(spec: _StreamSpec, plan: FiniteEpochPlan, role: _StreamRole,
         shards = _epoch_shards(spec.split.filenames, spec.seed, epoch, spec.rank, spec.world_size, role_id, workers)
         units = _units(_read_passes(shards, spec.split, epoch_seed, spec.shuffle_buffer, bad, where),
                        spec.group_size, spec.num_classes, bad)
-        numbered = _numbered(units, spec.group_size, skip_batches * spec.batch_size // spec.group_size)
+        skip_units = role.units_to_skip(epoch, skip_batches, spec.batch_size // spec.group_size)
+        numbered = _numbered(units, spec.group_size, skip_units, bad)
         wanted = (plan.batches_per_stream - skip_batches) * spec.batch_size
         produced = 0
-        for example in itertools.islice(_examples(numbered, epoch_seed, spec.num_classes, spec.transform, bad),
-                                        wanted):
+        examples = _examples(numbered, epoch_seed, spec.num_classes, spec.transform, bad, epoch)
+        for example in itertools.islice(examples, wanted):
             produced += 1
             yield example
         if produced < wanted:  # only when more than half of the stream's samples were bad
@@ -374,10 +423,13 @@ def _log_plan(split: SplitInfo, plan: FiniteEpochPlan, world_size: int, batch_si
 def train_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_size: int, *, seed: int,
                  num_workers: int, shuffle_buffer: int, start_batch: int = 0, skip_bad_samples: bool = True,
                  epoch_mode: EpochMode = "resampled", class_aware_m: int = 0, accumulation: int = 1,
-                 rank: int | None = None, world_size: int | None = None) -> Iterator[Batch]:
+                 rank: int | None = None, world_size: int | None = None,
+                 positions: dict[int, StreamPosition] | None = None) -> Iterator[Batch]:
     """Endless stream of full batches for this rank, deterministic in (seed, rank, world_size, num_workers);
-    `start_batch` resumes it after that many batches exactly as an uninterrupted run goes on. Bad samples are
-    skipped and counted (or raise, naming shard and key, with skip_bad_samples=False).
+    `start_batch` resumes it after that many batches exactly as an uninterrupted run goes on, given `positions`:
+    for each stream role, the position of the last batch of that role the trainer took (Batch.stream). Without
+    them a resume is exact only if no bad sample was dropped before it. Bad samples are skipped and counted (or
+    raise, naming shard and key, with skip_bad_samples=False).
 
     epoch_mode "finite": epochs of finite_epoch_plan(...).batches_per_rank batches, a whole number of
     `accumulation`-batch optimizer steps. class_aware_m > 0: every class in a batch appears at least
@@ -394,7 +446,7 @@ def train_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_
     rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
     spec = _StreamSpec(split, num_classes, transform, batch_size, group_size, shuffle_buffer,
                        seed, rank, world_size)
-    role = _StreamRole(seed, start_batch, rank)
+    role = _StreamRole(seed, start_batch, rank, positions)
     bad = BadSamples(skip_bad_samples)
     if epoch_mode == "finite":
         plan = finite_epoch_plan(split, world_size, num_workers, batch_size, accumulation=accumulation,
@@ -408,8 +460,7 @@ def train_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_
                   functools.partial(_resampled_stream, spec=spec, role=role, bad=bad)]
     pipeline = wds.DataPipeline(
         *stages,
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
-        wds.map(functools.partial(_with_tally, role=role, bad=bad)),
+        wds.batched(batch_size, collation_fn=functools.partial(_collate_training, role=role), partial=False),
     )
     loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                         pin_memory=torch.cuda.is_available(), **worker_start(num_workers))

@@ -16,9 +16,10 @@ import torch
 from lacvit_dist import distributed as dist_utils
 from lacvit_dist.io import write_json
 from lacvit_dist.train.checkpoint import find_latest_everywhere, gather_rng_states, load_training_checkpoint, save_training_checkpoint, set_rng_state, tag_for_step
+from lacvit_dist.distributed import gather_objects
 from lacvit_dist.train.restart import changed_settings
 from lacvit_dist.config import Config, ConfigError, check_batch_arithmetic, to_dict
-from lacvit_dist.data.pipeline import BAD_SAMPLE_KINDS, eval_loader, finite_epoch_plan, train_loader
+from lacvit_dist.data.pipeline import BAD_SAMPLE_KINDS, StreamPosition, eval_loader, finite_epoch_plan, train_loader
 from lacvit_dist.data.shards import DatasetInfo
 from lacvit_dist.data.transforms import evaluation
 from lacvit_dist.evaluation.passes import evaluate_classifier, evaluate_embeddings, lockstep, skipped_in_bank
@@ -84,6 +85,11 @@ def train_stage(cfg: Config, objective: Objective, info: DatasetInfo, stage_dir:
                      "shuffle_buffer": cfg.data.shuffle_buffer, "shards": [Path(f).name for f in train_split.filenames],
                      "epoch_mode": cfg.data.epoch_mode, "class_aware_m": class_aware_m}
     step, history, elapsed_before, bad_before = 0, [], 0.0, dict.fromkeys(BAD_SAMPLE_KINDS, 0)
+    # Where each of this rank's data streams stood at the checkpoint (role -> position of the last of its
+    # batches trained on); None: a checkpoint from before positions were kept.
+    resume_positions: dict[int, StreamPosition] | None = {}
+    pending_eval = None  # the epoch whose evaluation a stop came before: run first on resume
+    rng = None  # this rank's RNG state at the checkpoint
     tag = find_latest_everywhere(ckpt_dir)
     if tag is not None:
         state = load_training_checkpoint(engine, ckpt_dir, tag)
@@ -94,13 +100,19 @@ def train_stage(cfg: Config, objective: Objective, info: DatasetInfo, stage_dir:
                               f"{'; '.join(changed)} (saved -> now). Restore them to resume, or start a new run.name")
         step, history, elapsed_before = state["step"], state["history"], state["elapsed_s"]
         bad_before = state.get("bad_samples", bad_before)
+        saved_positions = state.get("stream_positions")
+        resume_positions = None if saved_positions is None else {
+            int(role): StreamPosition(*position) for role, position in saved_positions[rank].items()}
+        pending_eval = state.get("pending_eval")
         guard.load_state_dict(state["nonfinite"])
-        set_rng_state(state["rng"][rank])
+        rng = state["rng"][rank]
         log.info("%s: resumed from %s at step %d/%d", objective.name, ckpt_dir / tag, step, total_steps)
 
-    def save() -> None:  # collective: every rank writes its share
+    def save(pending_eval: int | None = None) -> None:  # collective: every rank writes its share
         client_state = {"step": step, "history": history, "elapsed_s": elapsed_before + time.time() - started,
                         "nonfinite": guard.state_dict(), "rng": gather_rng_states(), "data": data_position,
+                        "stream_positions": gather_objects({r: tuple(p) for r, p in positions.items()}),
+                        "pending_eval": pending_eval,
                         "bad_samples": {k.removeprefix("bad_samples/"): int(v) for k, v in
                                         _bad_sample_totals(bad_per_stream, bad_before).items()},
                         "stage": objective.name, "config": to_dict(cfg)}
@@ -112,7 +124,8 @@ def train_stage(cfg: Config, objective: Objective, info: DatasetInfo, stage_dir:
                            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=step * stage.grad_accum_steps,
                            skip_bad_samples=cfg.data.on_bad_sample == "skip", epoch_mode=cfg.data.epoch_mode,
                            class_aware_m=class_aware_m, accumulation=stage.grad_accum_steps, rank=rank,
-                           world_size=world)
+                           world_size=world, positions=resume_positions)
+    positions = dict(resume_positions or {})  # kept up to date with every batch trained on
     bad_per_stream: dict[int, dict[str, int]] = {}  # latest tally of each data stream since this (re)start
     tb = TensorBoard(stage_dir / "tb" if rank == 0 and cfg.logging.tensorboard else None, objective.name)
     evaluate = _Evaluator(cfg, objective, engine, info, tb)
@@ -120,13 +133,18 @@ def train_stage(cfg: Config, objective: Objective, info: DatasetInfo, stage_dir:
     window_start, window_steps, saved_at = time.time(), 0, step
     running: dict[str, torch.Tensor] = {}
     objective.set_train_mode(engine.module)
+    if pending_eval is not None:  # the interrupted run stopped right before this evaluation
+        evaluate(cfg.data.val_split, step, pending_eval)
+    if rng is not None:  # restored last: setting up the loader draws from the RNG (its workers' base seed)
+        set_rng_state(rng)
     with StopSignal() as stop:
         stop_check = StopCheck(stop, cfg.run.stop_check_every_steps, cfg.run.stop_check_every_s, step, device)
         while step < total_steps:
             micro_batches = []
             for _ in range(stage.grad_accum_steps):
                 batch = next(batches)
-                bad_per_stream[batch.bad_samples[0]] = batch.bad_samples[1]
+                positions[batch.stream.role] = batch.stream.position
+                bad_per_stream[batch.stream.role] = batch.stream.bad_samples
                 micro_batches.append((batch.images, batch.labels))  # moved to the device when used
             skipped_before = guard.skipped
             metrics = objective.train_step(engine, micro_batches, guard)
@@ -161,7 +179,7 @@ def train_stage(cfg: Config, objective: Objective, info: DatasetInfo, stage_dir:
                 evaluate(cfg.data.val_split, step, epoch)
             every = cfg.run.checkpoint_every_steps
             if step < total_steps and (epoch_end or (every and step % every == 0)):
-                save()
+                save(pending_eval=epoch if stopping else None)  # stopping already: it came before the evaluation
                 saved_at = step
             if not stopping and (epoch_end or step == total_steps or stop_check.due(step)):
                 stopping = stop_check.agree(step)
@@ -260,6 +278,14 @@ class _Evaluator:
         return loader, lockstep(loader, lambda: (torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long), []))
 
     def __call__(self, split_name: str, step: int, epoch: int, images: bool = False) -> dict[str, Any]:
+        # Evaluation draws from the global RNG (each DataLoader's base seed): on a fork of it, so that training
+        # goes on with the same random stream whether it evaluated or not (a run resumed from before an
+        # evaluation, or one evaluating more often, trains exactly as the uninterrupted one).
+        device = self.engine.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return self._evaluate(split_name, step, epoch, images)
+
+    def _evaluate(self, split_name: str, step: int, epoch: int, images: bool) -> dict[str, Any]:
         engine, objective, where = self.engine, self.objective, f"split {split_name!r} of {self.info.root}"
         device, dtype = engine.device, engine_dtype(engine)
         if objective.classifies:
