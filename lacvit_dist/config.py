@@ -6,6 +6,7 @@ Every error names the offending field by its dotted path (and the file it came f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import types
 import typing
@@ -377,7 +378,48 @@ def validate(cfg: Config) -> None:
                           f"same-class groups of that size)")
     if cfg.deepspeed.precision == "fp16" and cfg.run.device == "cpu":
         raise ConfigError("deepspeed.precision: fp16 is not supported by DeepSpeed on CPU; use fp32 or bf16")
+    if cfg.deepspeed.precision == "fp16" and cfg.deepspeed.zero_stage == 0:
+        # DeepSpeed 0.19.8's engine.backward applies the loss scale for its ZeRO optimizers only; its ZeRO-0 fp16
+        # optimizer still divides the gradients by the scale in step(): every update would be 1/scale too small.
+        raise ConfigError("deepspeed.precision: fp16 needs deepspeed.zero_stage >= 1 (DeepSpeed's ZeRO-0 fp16 path "
+                          "leaves the loss unscaled but unscales the gradients: updates 1/65536 of the true ones); "
+                          "set deepspeed.zero_stage=1 or 2, or use bf16")
+    _check_ranges(cfg)
+    _check_splits(cfg)
     _check_bf16_accumulation(cfg)
+
+
+# (rule, test) pairs for _check_ranges; NaN fails both. Values these accept would otherwise pass silently
+# (warmup_steps < 0 starts the LR above 0, drop_path_rate < 0 means 0) or fail later in torch without the field.
+_NON_NEGATIVE = (">= 0", lambda v: v >= 0)
+_UNIT_INTERVAL = ("in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Single-field range checks, one table (betas' length is checked before)."""
+    checks = [("model.drop_path_rate", cfg.model.drop_path_rate, _UNIT_INTERVAL),
+              ("deepspeed.gradient_clipping", cfg.deepspeed.gradient_clipping, _NON_NEGATIVE),  # 0: off
+              ("data.shuffle_buffer", cfg.data.shuffle_buffer, _NON_NEGATIVE),
+              ("data.color_jitter", cfg.data.color_jitter, _NON_NEGATIVE)]
+    for name in STAGE_NAMES:  # every stage's optimizer, run or not: a config is valid as a whole
+        opt = cfg.stage(name).optimizer
+        checks += [(f"{name}.optimizer.{key}", getattr(opt, key), _NON_NEGATIVE)
+                   for key in ("warmup_steps", "momentum", "weight_decay")]
+        checks += [(f"{name}.optimizer.betas[{i}]", beta, _UNIT_INTERVAL) for i, beta in enumerate(opt.betas)]
+    for where, value, (rule, ok) in checks:
+        if not ok(value):
+            raise ConfigError(f"{where}: must be {rule}, got {value}")
+
+
+def _check_splits(cfg: Config) -> None:
+    """Train, val (if any) and test name different splits: the same name twice trains on test data, monitors
+    stage 1 (kNN, val metrics) on it, or validates on training data."""
+    splits = [("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split),
+              ("data.test_split", cfg.data.test_split)]
+    for (field_a, a), (field_b, b) in itertools.combinations(splits, 2):
+        if a is not None and a == b:
+            raise ConfigError(f"{field_a} and {field_b}: both are {a!r}; the three splits must differ (test data "
+                              f"must never be used for training or model monitoring, nor val data for training)")
 
 
 def _check_bf16_accumulation(cfg: Config) -> None:

@@ -49,6 +49,7 @@ def test_int_accepted_for_float_and_yaml_values_in_overrides():
     (["stage1.temperature=0"], "stage1.temperature: must be > 0"),
     (["stage1.optimizer.betas=[0.9]"], "stage1.optimizer.betas"),
     (["run.device=cpu", "deepspeed.precision=fp16"], "deepspeed.precision: fp16 is not supported"),
+    (["run.device=cuda", "deepspeed.precision=fp16", "deepspeed.zero_stage=0"], "fp16 needs deepspeed.zero_stage >= 1"),
     (["stage1"], "expected dotted.key=value"),
 ])
 def test_errors_name_the_field(overrides, field):
@@ -85,3 +86,51 @@ def test_saved_config_round_trips(tmp_path):
 
 def test_dotlist_nesting():
     assert parse_dotlist(["a.b.c=1", "a.b.d=x", "e=[1, 2]"]) == {"a": {"b": {"c": 1, "d": "x"}}, "e": [1, 2]}
+
+
+@pytest.mark.parametrize("override, field, bad", [
+    ("stage1.optimizer.warmup_steps=-1", "stage1.optimizer.warmup_steps: must be >= 0", "-1"),
+    ("model.drop_path_rate=1.5", "model.drop_path_rate: must be in [0, 1)", "1.5"),
+    ("model.drop_path_rate=1", "model.drop_path_rate: must be in [0, 1)", "1.0"),
+    ("model.drop_path_rate=-0.1", "model.drop_path_rate: must be in [0, 1)", "-0.1"),
+    ("stage2.optimizer.momentum=-0.5", "stage2.optimizer.momentum: must be >= 0", "-0.5"),
+    ("baseline.optimizer.betas=[0.9, 1.0]", "baseline.optimizer.betas[1]: must be in [0, 1)", "1.0"),
+    ("stage1.optimizer.betas=[-0.1, 0.999]", "stage1.optimizer.betas[0]: must be in [0, 1)", "-0.1"),
+    ("stage2.optimizer.weight_decay=-0.0001", "stage2.optimizer.weight_decay: must be >= 0", "-0.0001"),
+    ("baseline.optimizer.warmup_steps=-3", "baseline.optimizer.warmup_steps: must be >= 0", "-3"),
+    ("deepspeed.gradient_clipping=-1", "deepspeed.gradient_clipping: must be >= 0", "-1.0"),
+    ("data.shuffle_buffer=-1", "data.shuffle_buffer: must be >= 0", "-1"),
+    ("data.color_jitter=-0.4", "data.color_jitter: must be >= 0", "-0.4"),
+    ("data.color_jitter=.nan", "data.color_jitter: must be >= 0", "nan"),  # NaN fails every comparison
+])
+def test_out_of_range_values_name_the_field_and_value(override, field, bad):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert field in str(err.value) and str(err.value).endswith(f"got {bad}")
+
+
+def test_range_boundaries_are_accepted():
+    cfg = load_config(None, ["model.drop_path_rate=0", "stage2.optimizer.momentum=0", "stage1.optimizer.betas=[0, 0]",
+                             "stage1.optimizer.weight_decay=0", "deepspeed.gradient_clipping=0",
+                             "data.shuffle_buffer=0", "data.color_jitter=0", "stage1.optimizer.warmup_steps=0"])
+    assert cfg.model.drop_path_rate == 0.0 and cfg.deepspeed.gradient_clipping == 0.0
+
+
+@pytest.mark.parametrize("overrides, fields", [
+    (["data.train_split=test"], "data.train_split and data.test_split"),
+    (["data.val_split=test"], "data.val_split and data.test_split"),
+    (["data.train_split=val"], "data.train_split and data.val_split"),
+])
+def test_splits_must_differ(overrides, fields):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert message.startswith(fields) and "'" in message
+    if "test_split" in fields:
+        assert "test data must never be used for training or model monitoring" in message
+
+
+def test_distinct_splits_and_no_val_split_are_accepted():
+    assert load_config(None, ["data.val_split=null"]).data.val_split is None
+    cfg = load_config(None, ["data.train_split=a", "data.val_split=b", "data.test_split=c"])
+    assert (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) == ("a", "b", "c")
