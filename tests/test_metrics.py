@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from lacvit_dist.evaluation.metrics import (alignment, balanced_accuracy, confusion_matrix, effective_rank,
                                  embedding_health, isotropy_partition, knn_accuracy, knn_correct, knn_predict,
                                  mean_pairwise_cosine, per_class_accuracy, pr_curves, pr_histograms, same_class_pairs,
-                                 topk_correct, uniformity)
+                                 top1_predictions, topk_correct, uniformity)
+from lacvit_dist.evaluation.passes import evaluate_classifier
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -43,6 +44,38 @@ def test_topk_correct_ties_and_nan_are_not_hits():
     assert int(topk_correct(constant, torch.tensor([0, 1, 2, 0]), ks=(3,))[3]) == 4
     nan_row = torch.tensor([[float("nan"), 1.0, 0.0]])
     assert int(topk_correct(nan_row, torch.tensor([1]), ks=(1,))[1]) == 0
+
+
+def classify(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """evaluate_classifier on fixed logits: the "model" passes its input (the logits) through."""
+    batches = [(logits[i:i + 4], labels[i:i + 4], []) for i in range(0, len(labels), 4)]
+    return evaluate_classifier(torch.nn.Identity(), batches, torch.device("cpu"), torch.float32,
+                               logits.shape[1], len(labels), "test")
+
+
+def test_top1_follows_topk_rule_in_accuracy_and_confusion():
+    """Top-1 and the confusion matrix use topk_correct's rule: ties count against the true class and a NaN row
+    is never a hit, so neither lands on the diagonal (argmax would put them there), and Top-1 <= Top-5."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    dead = classify(torch.zeros(6, 3), labels)  # constant logits: argmax says class 0, i.e. 2 of 6 right
+    assert dead["top1"] == 0.0 and dead["top5"] == 1.0 and dead["samples"] == 6
+    assert sum(dead["confusion"][c][c] for c in range(3)) == 0 and dead["per_class_accuracy"] == [0.0] * 3
+    assert dead["support"] == [2, 2, 2]
+
+    nan_row = torch.tensor([[float("nan"), 1.0, 0.0], [0.0, 5.0, 1.0]])  # torch's argmax picks the NaN, class 0
+    out = classify(nan_row, torch.tensor([0, 1]))
+    assert out["top1"] == 0.5 and out["confusion"][0][0] == 0 and sum(out["confusion"][0]) == 1
+    assert out["per_class_accuracy"] == [0.0, 1.0, 0.0] and out["support"] == [1, 1, 0]
+    tie = torch.tensor([[2.0, 2.0, 0.0, 1.0]])  # true class 0 tied with class 1: recorded as class 1
+    assert top1_predictions(tie, torch.tensor([0])).tolist() == [1]
+    assert top1_predictions(torch.full((1, 3), -math.inf), torch.tensor([0])).tolist() != [0]
+
+    logits = torch.randn(40, 7, generator=gen(3))  # no ties: plain argmax, as before
+    labels = torch.randint(0, 7, (40,), generator=gen(4))
+    out = classify(logits, labels)
+    assert torch.equal(top1_predictions(logits, labels), logits.argmax(-1))
+    assert out["top1"] == float((logits.argmax(-1) == labels).sum()) / 40
+    assert out["confusion"] == confusion_matrix(logits.argmax(-1), labels, 7).tolist()
 
 
 def test_confusion_matrix_known_predictions():

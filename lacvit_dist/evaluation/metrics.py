@@ -8,6 +8,7 @@ docstrings say what a distributed caller gathers or sums.
 Classification
 --------------
 * :func:`topk_correct` -- Top-k hit COUNTS (sum them over batches and ranks, divide once at the end).
+* :func:`top1_predictions` -- per-row predictions for the confusion matrix under the same rule as Top-1.
 * :func:`confusion_matrix` -- ``[C, C]`` int64 counts, rows = true class, columns = predicted class.
 * :func:`per_class_accuracy` -- recall per class and its support; classes without samples are 0 and
   flagged by ``support == 0`` (never NaN). :func:`balanced_accuracy` averages over present classes only.
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "compute_dtype", "topk_correct", "confusion_matrix", "per_class_accuracy", "balanced_accuracy",
+    "compute_dtype", "topk_correct", "top1_predictions", "confusion_matrix", "per_class_accuracy", "balanced_accuracy",
     "knn_predict", "knn_correct", "knn_accuracy", "mean_pairwise_cosine", "isotropy_partition",
     "effective_rank", "alignment", "uniformity", "same_class_pairs", "embedding_health", "pr_histograms",
     "pr_curves",
@@ -71,17 +72,37 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: Iterable[int] = (1, 5)) -> 
     instead of whatever ``topk``'s tie order gives. A row with any NaN logit is never a hit. O(N x C), no sort,
     no host sync.
     """
-    if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and "
-                         f"{tuple(labels.shape)}")
     ks = tuple(int(k) for k in ks)
     if any(k < 1 for k in ks):
         raise ValueError(f"every k must be >= 1, got {ks}")
-    num_classes = logits.shape[1]
+    rank = _true_class_rank(logits, labels)
+    return {k: (rank <= min(k, logits.shape[1])).sum() for k in ks}
+
+
+def _true_class_rank(logits: Tensor, labels: Tensor) -> Tensor:
+    """``#{c : logits[i, c] >= logits[i, y_i]}`` per row (1 = strictly the best), ``C + 1`` for a row with
+    a NaN logit (never a hit): :func:`topk_correct`'s rule."""
+    if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
     true = logits.gather(1, labels.long()[:, None])  # [N, 1]
-    rank = (logits >= true).sum(dim=1)  # 1 = strictly the best
-    valid = ~torch.isnan(logits).any(dim=1)
-    return {k: ((rank <= min(k, num_classes)) & valid).sum() for k in ks}
+    rank = (logits >= true).sum(dim=1)
+    return torch.where(torch.isnan(logits).any(dim=1), torch.full_like(rank, logits.shape[1] + 1), rank)
+
+
+def top1_predictions(logits: Tensor, labels: Tensor) -> Tensor:
+    """Predicted class per row for :func:`confusion_matrix`, consistent with ``topk_correct(k=1)``: the true
+    class for a Top-1 hit, otherwise the best OTHER class (a tied rival, a NaN column; ties between rivals go
+    to the first after the true class, cyclically). So the diagonal counts exactly the Top-1 hits, where a
+    plain ``argmax`` would put tied and NaN rows on it. int64 ``[N]``; with one class there is no other
+    column, and every row is predicted as its class."""
+    hit = _true_class_rank(logits, labels) == 1
+    labels = labels.long()
+    num_classes = logits.shape[1]
+    offsets = torch.arange(1, max(num_classes, 2), device=labels.device)
+    others = (labels[:, None] + offsets) % num_classes  # [N, C - 1]: every class but the true one
+    rival = others.gather(1, logits.gather(1, others).argmax(dim=1, keepdim=True)).squeeze(1)
+    return torch.where(hit, labels, rival)
 
 
 def confusion_matrix(preds: Tensor, labels: Tensor, num_classes: int) -> Tensor:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lacvit_dist import distributed as dist_utils
-from lacvit_dist.evaluation.metrics import confusion_matrix, embedding_health, knn_correct, per_class_accuracy, topk_correct
+from lacvit_dist.evaluation.metrics import (confusion_matrix, embedding_health, knn_correct, per_class_accuracy,
+                                            top1_predictions, topk_correct)
 
 
 def lockstep(batches: Iterable, empty: Callable[[], tuple]) -> Iterator:
@@ -53,24 +54,27 @@ def skipped_in_bank(skipped: dict[str, int], bank_samples: int, split_samples: i
 def evaluate_classifier(model: nn.Module, batches: Iterable, device: torch.device, dtype: torch.dtype,
                         num_classes: int, expected_samples: int, where: str) -> dict:
     """Top-1, Top-5 (k clipped to the number of classes), mean cross-entropy, confusion matrix (rows = true
-    class) and per-class accuracy over the whole split."""
+    class) and per-class accuracy over the whole split. Top-1, Top-5 and the matrix's diagonal follow one rule
+    (topk_correct's: a tie with the true class, or a NaN row, is no hit), so Top-1 <= Top-5 even with tied
+    bf16 logits, and the diagonal sums to the Top-1 hits."""
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # top-5 hits, loss sum
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss sum
     for images, labels, _ in batches:
         logits = model(images.to(device, dtype)).float()
         labels = labels.to(device)
-        confusion += confusion_matrix(logits.argmax(-1), labels, num_classes)
-        sums += torch.stack([topk_correct(logits, labels, ks=(5,))[5].double(),
+        confusion += confusion_matrix(top1_predictions(logits, labels), labels, num_classes)
+        hits = topk_correct(logits, labels, ks=(1, 5))
+        sums += torch.stack([hits[1].double(), hits[5].double(),
                              F.cross_entropy(logits, labels, reduction="sum").double()])
     model.train(was_training)
     confusion = dist_utils.all_reduce_sum(confusion)
-    top5, loss = dist_utils.all_reduce_sum(sums).tolist()
+    top1, top5, loss = dist_utils.all_reduce_sum(sums).tolist()
     samples = int(confusion.sum())
     _check_count(samples, expected_samples, where)
     accuracy, support = per_class_accuracy(confusion)
-    return {"top1": float(confusion.diag().sum()) / samples, "top5": top5 / samples, "loss": loss / samples,
+    return {"top1": top1 / samples, "top5": top5 / samples, "loss": loss / samples,
             "samples": samples, "per_class_accuracy": accuracy.tolist(), "support": support.tolist(),
             "confusion": confusion.tolist()}
 
