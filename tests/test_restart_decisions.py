@@ -4,6 +4,7 @@ run.reuse_finished_stages=true); settings that do not shape results do not block
 must take alike (stage finished, backbone present, checkpoint loadable) follow rank 0's view of the file system,
 here made to differ on purpose by giving each rank another folder."""
 import json
+import shutil
 
 import pytest
 from dist_helpers import run_in_processes
@@ -119,6 +120,33 @@ def test_every_rank_follows_rank0_view_of_the_run_folder(restarts, tmp_path_fact
         assert got["stage2_rank0_lacks_backbone"]["error"].startswith("ConfigError: stage2.backbone_path: ")
         assert "does not exist" in got["stage2_rank0_lacks_backbone"]["error"]
     assert per_rank[0]["stage2_rank0_lacks_backbone"] == per_rank[1]["stage2_rank0_lacks_backbone"]
+
+
+def test_stage2_trains_on_the_run_folders_own_backbone(restarts, digits_root, tmp_path):
+    """results.json records the stage-1 export as an absolute path: in a run folder copied to a new run.name it
+    points into the original (stage 2 would silently train on that run's backbone), after a move nowhere. Stage
+    2 takes the folder's own export; only an explicit stage2.backbone_path overrides it."""
+    from lacvit_dist.config import load_config
+    from lacvit_dist.train.restart import stage_plan
+
+    _, out, _ = restarts
+    original = out / "run" / "stage1" / "timm"
+    copied = tmp_path / "copied"
+    shutil.copytree(out / "run", copied)
+    recorded = json.loads((copied / "stage1" / "results.json").read_text())
+    assert recorded["export"] == str(original)  # elsewhere, and present
+
+    def cfg(*extra):
+        return load_config(REPO / "configs" / "demo_digits.yaml", [
+            f"data.root={digits_root}", f"run.output_dir={tmp_path}", "run.name=copied", *TINY, *extra])
+
+    assert stage_plan(cfg(), "stage2", copied, {"stage1": recorded}) == {"backbone": str(copied / "stage1" / "timm")}
+    moved = tmp_path / "moved"
+    copied.rename(moved)  # what the copy's own results.json would record no longer exists
+    gone = {"stage1": {**recorded, "export": str(copied / "stage1" / "timm")}}
+    assert stage_plan(cfg(), "stage2", moved, gone) == {"backbone": str(moved / "stage1" / "timm")}
+    explicit = cfg(f"stage2.backbone_path={original}")
+    assert stage_plan(explicit, "stage2", moved, gone) == {"backbone": str(original)}
 
 
 def test_a_checkpoint_one_rank_cannot_see_stops_every_rank(restarts):

@@ -75,7 +75,14 @@ def stage_plan(cfg: Config, name: str, run_dir: Path, results: dict[str, dict[st
     source = STAGES[name].trains_on
     if source is None or input_pending:
         return {}
-    backbone = cfg.stage(name).backbone_path or results.get(source, {}).get("export") or str(run_dir / source / EXPORT_DIR)
+    # This run folder's own export, never the absolute path its results.json records: after the folder was
+    # copied to a new run.name that points into the original run, after a move nowhere.
+    own = run_dir / source / EXPORT_DIR
+    recorded = results.get(source, {}).get("export")
+    if recorded is not None and Path(recorded) != own and not cfg.stage(name).backbone_path:
+        log.warning("%s: %s/results.json records its export at %s; training on this run folder's %s", name,
+                    source, recorded, own)
+    backbone = cfg.stage(name).backbone_path or str(own)
     if not Path(backbone).exists():
         raise ConfigError(f"{name}.backbone_path: {backbone} does not exist (run {source} first, or set it)")
     return {"backbone": backbone}
