@@ -4,7 +4,8 @@
 - a DeepSpeed engine with torch's fused AdamW under ZeRO-2 (bf16), saved and loaded back: the reloaded engine
   then takes exactly the step the original takes (weights AND Adam moments came back);
 - a forward on an empty batch under ZeRO-3 (the lock-step evaluation sends those to ranks that ran out);
-- the contrast-enlarging feature-cache step under engine.compile (inductor on CUDA) against the eager step.
+- the contrast-enlarging feature-cache step under engine.compile (inductor on CUDA) against the eager step, and
+  its premise with drop-path and dropout: the compiled recompute draws the compiled cached forward's masks.
 
 Without CUDA the same tests run on the CPU (aot_eager instead of inductor, no fused kernel, gloo): the CPU
 suite is their dry run, so that a typo cannot waste device time.
@@ -132,6 +133,35 @@ def test_feature_cache_step_compiled_matches_eager(job):
     for name, p in params.items():
         ref = eager_params[name]
         assert (p - ref).norm() <= 2e-2 * ref.norm() + 1e-6, name
+
+
+def test_compiled_recompute_draws_the_cached_forwards_masks():
+    """The feature cache's premise under torch.compile: with the random state replayed, the compiled forward
+    with gradients draws the drop-path and dropout masks of the compiled no-grad forward. Grad mode is a guard,
+    so these are two graphs, and inductor generates its own random kernels (aot_eager on the CPU runs torch's)."""
+    import torch._dynamo
+
+    from lacvit_dist.config import load_config
+    from lacvit_dist.models.factory import build_contrastive_model
+    from lacvit_dist.train.feature_cache import capture_rng, replayed_rng
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    stochastic = [o for o in TINY if not o.startswith("model.drop_path_rate")] + [
+        "model.drop_path_rate=0.3", "model.overrides.proj_drop_rate=0.2", "model.overrides.attn_drop_rate=0.2"]
+    model = build_contrastive_model(load_config(REPO / "configs" / "demo_digits.yaml", stochastic).model)
+    model = torch.compile(model.to(DEVICE).train(), backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    views = torch.randn(8, 2, 3, 16, 16, device=DEVICE)
+    state = capture_rng(torch.device(DEVICE))
+    with torch.no_grad():
+        cached = model(views)
+    with replayed_rng(state):
+        recomputed = model(views)
+    with torch.no_grad():
+        fresh = model(views)  # other masks: what a replay that failed would look like
+    error = ((recomputed.detach() - cached).norm() / cached.norm()).item()
+    assert (fresh - cached).norm() / cached.norm() > 0.01  # 0.04 on the CPU (unit-norm projections)
+    assert error < 1e-3, error  # fused kernels may round differently, by far less than other masks
 
 
 # Last: on torch 2.11 a ZeRO-3 engine earlier in the process left a later compiled ZeRO-2 engine's cls_token
