@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,20 @@ from lacvit_dist.stages import STAGE_NAMES
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or inconsistent; the message names the field."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading YAML 1.2 floats: YAML 1.1 makes `1e-3` (no dot) a string, so `lr: 1e-3`
+    in a file or `stage1.optimizer.lr=1e-3` on the command line would fail as 'expected float, got str'."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -284,7 +299,7 @@ def parse_dotlist(items: list[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: malformed key {key!r}")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _load_yaml_text(raw) if raw != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from None
         node = tree
@@ -302,7 +317,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml_text(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path}: invalid YAML: {err}") from None
     if not isinstance(data, dict):

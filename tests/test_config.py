@@ -36,6 +36,16 @@ def test_int_accepted_for_float_and_yaml_values_in_overrides():
     assert cfg.stage2.backbone_path is None
 
 
+def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides(tmp_path):
+    """YAML 1.1 (PyYAML's default) reads 1e-3 as a string; the config reads YAML 1.2 floats."""
+    path = tmp_path / "c.yaml"
+    path.write_text("stage1:\n  optimizer: {lr: 1e-3, betas: [0.9, 9.99E-1]}\nmodel:\n  overrides: {drop_rate: 5e-2}\n")
+    cfg = load_config(path, ["stage2.optimizer.lr=2.5e-2", "run.name=1e3x"])
+    assert cfg.stage1.optimizer.lr == 0.001 and cfg.stage1.optimizer.betas == [0.9, 0.999]
+    assert cfg.model.overrides["drop_rate"] == 0.05 and cfg.stage2.optimizer.lr == 0.025
+    assert cfg.run.name == "1e3x"  # not a number: still a string
+
+
 @pytest.mark.parametrize("overrides, field", [
     (["stage1.epoch=3"], "stage1.epoch: unknown key"),
     (["modle.name=x"], "modle: unknown key"),
