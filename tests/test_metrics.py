@@ -12,7 +12,7 @@ from lacvit_dist.evaluation.metrics import (alignment, balanced_accuracy, confus
                                  embedding_health, isotropy_partition, knn_accuracy, knn_correct, knn_predict,
                                  mean_pairwise_cosine, per_class_accuracy, pr_curves, pr_histograms, same_class_pairs,
                                  top1_predictions, topk_correct, uniformity)
-from lacvit_dist.evaluation.passes import evaluate_classifier
+from lacvit_dist.evaluation.passes import at_least_one, embed_split, evaluate_classifier, evaluate_embeddings
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -290,3 +290,33 @@ def test_pr_histograms_summed_over_batches_give_tensorboards_curves():
     np.testing.assert_allclose(pooled["precision"][0].numpy(), ref[4], rtol=1e-12)
     with pytest.raises(ValueError):
         pr_histograms(probs, labels[:10])
+
+
+def _empty_batch():
+    return torch.zeros(0, 3, 2, 2), torch.zeros(0, dtype=torch.long), []
+
+
+def _encode(images):
+    return {"backbone": images.flatten(1)[:, :4] + 1.0, "projection": images.flatten(1)[:, 4:6]}
+
+
+def _embed_with_an_empty_share(rank, world_size):
+    gen = torch.Generator().manual_seed(rank)
+    share = [(torch.randn(5, 3, 2, 2, generator=gen), torch.tensor([0, 1, 0, 1, 1]), list("abcde"))]
+    bank = at_least_one(share, _empty_batch)
+    queries = at_least_one(share if rank == 0 else [], _empty_batch)  # rank 1's share of the split is empty
+    results, gathered = evaluate_embeddings(_encode, bank, queries, torch.device("cpu"), torch.float32, 2,
+                                            (10, 5), "val", k=3)
+    return results["samples"], results["bank_samples"], tuple(gathered["projection"].shape)
+
+
+def test_a_rank_with_an_empty_share_still_joins_the_gathers():
+    """A split smaller than ranks x workers leaves some ranks without a batch: they embed one empty batch
+    (torch.cat of nothing raised on them while the others waited in the gather)."""
+    embeddings, labels = embed_split(_encode, at_least_one([], _empty_batch), torch.device("cpu"), torch.float32)
+    assert embeddings["backbone"].shape == (0, 4) and embeddings["projection"].shape == (0, 2) and len(labels) == 0
+    with pytest.raises((RuntimeError, ValueError)):
+        embed_split(_encode, [], torch.device("cpu"), torch.float32)  # what the evaluator did before
+    from dist_helpers import run_in_processes
+
+    assert run_in_processes(_embed_with_an_empty_share, 2) == [(5, 10, (5, 2))] * 2

@@ -32,6 +32,17 @@ def lockstep(batches: Iterable, empty: Callable[[], tuple]) -> Iterator:
         yield batch if batch is not None else empty()
 
 
+def at_least_one(batches: Iterable, empty: Callable[[], tuple]) -> Iterator:
+    """This rank's batches, or one empty batch if it has none: a rank whose share of a small split is empty
+    (fewer samples than ranks x workers) still has [0, d] embeddings for the gathers every rank joins."""
+    seen = False
+    for batch in batches:
+        seen = True
+        yield batch
+    if not seen:
+        yield empty()
+
+
 def _check_count(samples: int, expected: int, where: str) -> None:
     if samples != expected:
         raise RuntimeError(f"evaluation of {where} saw {samples} samples, the split has {expected}")

@@ -22,7 +22,7 @@ from lacvit_dist.config import Config, ConfigError, check_batch_arithmetic, to_d
 from lacvit_dist.data.pipeline import BAD_SAMPLE_KINDS, StreamPosition, eval_loader, finite_epoch_plan, train_loader
 from lacvit_dist.data.shards import DatasetInfo
 from lacvit_dist.data.transforms import evaluation
-from lacvit_dist.evaluation.passes import evaluate_classifier, evaluate_embeddings, lockstep, skipped_in_bank
+from lacvit_dist.evaluation.passes import at_least_one, evaluate_classifier, evaluate_embeddings, lockstep, skipped_in_bank
 from lacvit_dist.models.export import EXPORT_DIR, export_timm
 from lacvit_dist.models.factory import ContrastiveModel
 from lacvit_dist.models.memory import count_parameters, estimate_memory, format_memory_estimate
@@ -268,14 +268,14 @@ class _Evaluator:
         self.history: list[dict[str, float]] = []  # stage 1's monitor at every evaluation, for its figure
 
     def _loader(self, split_name: str, skip_bad_samples: bool = False):
-        """(the pass, its batches): the pass reports what it skipped; under ZeRO-3 all ranks run as many batches."""
+        """(the pass, its batches): the pass reports what it skipped; every rank runs at least one batch (under
+        ZeRO-3 all ranks run as many)."""
         loader = eval_loader(self.info.split(split_name), self.info.num_classes, self.transform, self.batch_size,
                              rank=dist_utils.rank(), world_size=dist_utils.world_size(),
                              num_workers=self.cfg.data.num_workers, skip_bad_samples=skip_bad_samples)
-        if self.cfg.deepspeed.zero_stage < 3:
-            return loader, loader
         size = self.objective.stats.img_size
-        return loader, lockstep(loader, lambda: (torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long), []))
+        empty = lambda: (torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long), [])  # noqa: E731
+        return loader, (at_least_one if self.cfg.deepspeed.zero_stage < 3 else lockstep)(loader, empty)
 
     def __call__(self, split_name: str, step: int, epoch: int, images: bool = False) -> dict[str, Any]:
         # Evaluation draws from the global RNG (each DataLoader's base seed): on a fork of it, so that training
