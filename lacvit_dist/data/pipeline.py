@@ -196,9 +196,8 @@ class _StreamRole:
     restart comes from the stream whose turn it was; each role skips the batches it had already produced.
     """
 
-    def __init__(self, seed: int, start_batch: int, rank: int, positions: dict[int, StreamPosition] | None):
-        self.seed, self.start_batch, self.rank = seed, start_batch, rank
-        self.positions = positions
+    def __init__(self, seed: int, start_batch: int, rank: int, positions: dict[int, StreamPosition]):
+        self.seed, self.start_batch, self.rank, self.positions = seed, start_batch, rank, positions
 
     def resolve(self) -> tuple[int, int, int]:
         """(role, batches this role already produced, number of roles) of the calling worker."""
@@ -217,7 +216,7 @@ class _StreamRole:
         if batches == 0:
             return 0
         role = self.resolve()[0]
-        position = (self.positions or {}).get(role)
+        position = self.positions.get(role)
         if position is None:
             return batches * units_per_batch
         if position.epoch != epoch:
@@ -446,7 +445,7 @@ def train_loader(split: SplitInfo, num_classes: int, transform: Callable, batch_
     rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
     spec = _StreamSpec(split, num_classes, transform, batch_size, group_size, shuffle_buffer,
                        seed, rank, world_size)
-    role = _StreamRole(seed, start_batch, rank, positions)
+    role = _StreamRole(seed, start_batch, rank, positions or {})
     bad = BadSamples(skip_bad_samples)
     if epoch_mode == "finite":
         plan = finite_epoch_plan(split, world_size, num_workers, batch_size, accumulation=accumulation,

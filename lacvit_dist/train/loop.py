@@ -16,7 +16,6 @@ import torch
 from lacvit_dist import distributed as dist_utils
 from lacvit_dist.io import write_json
 from lacvit_dist.train.checkpoint import find_latest_everywhere, gather_rng_states, load_training_checkpoint, save_training_checkpoint, set_rng_state, tag_for_step
-from lacvit_dist.distributed import gather_objects
 from lacvit_dist.train.restart import changed_settings
 from lacvit_dist.config import Config, ConfigError, check_batch_arithmetic, to_dict
 from lacvit_dist.data.pipeline import BAD_SAMPLE_KINDS, StreamPosition, eval_loader, finite_epoch_plan, train_loader
@@ -86,8 +85,8 @@ def train_stage(cfg: Config, objective: Objective, info: DatasetInfo, stage_dir:
                      "epoch_mode": cfg.data.epoch_mode, "class_aware_m": class_aware_m}
     step, history, elapsed_before, bad_before = 0, [], 0.0, dict.fromkeys(BAD_SAMPLE_KINDS, 0)
     # Where each of this rank's data streams stood at the checkpoint (role -> position of the last of its
-    # batches trained on); None: a checkpoint from before positions were kept.
-    resume_positions: dict[int, StreamPosition] | None = {}
+    # batches trained on; none in a checkpoint from before positions were kept).
+    resume_positions: dict[int, StreamPosition] = {}
     pending_eval = None  # the epoch whose evaluation a stop came before: run first on resume
     rng = None  # this rank's RNG state at the checkpoint
     tag = find_latest_everywhere(ckpt_dir)
@@ -100,9 +99,9 @@ def train_stage(cfg: Config, objective: Objective, info: DatasetInfo, stage_dir:
                               f"{'; '.join(changed)} (saved -> now). Restore them to resume, or start a new run.name")
         step, history, elapsed_before = state["step"], state["history"], state["elapsed_s"]
         bad_before = state.get("bad_samples", bad_before)
-        saved_positions = state.get("stream_positions")
-        resume_positions = None if saved_positions is None else {
-            int(role): StreamPosition(*position) for role, position in saved_positions[rank].items()}
+        if "stream_positions" in state:
+            resume_positions = {int(role): StreamPosition(*position)
+                                for role, position in state["stream_positions"][rank].items()}
         pending_eval = state.get("pending_eval")
         guard.load_state_dict(state["nonfinite"])
         rng = state["rng"][rank]
@@ -111,7 +110,7 @@ def train_stage(cfg: Config, objective: Objective, info: DatasetInfo, stage_dir:
     def save(pending_eval: int | None = None) -> None:  # collective: every rank writes its share
         client_state = {"step": step, "history": history, "elapsed_s": elapsed_before + time.time() - started,
                         "nonfinite": guard.state_dict(), "rng": gather_rng_states(), "data": data_position,
-                        "stream_positions": gather_objects({r: tuple(p) for r, p in positions.items()}),
+                        "stream_positions": dist_utils.gather_objects({r: tuple(p) for r, p in positions.items()}),
                         "pending_eval": pending_eval,
                         "bad_samples": {k.removeprefix("bad_samples/"): int(v) for k, v in
                                         _bad_sample_totals(bad_per_stream, bad_before).items()},
@@ -125,7 +124,7 @@ def train_stage(cfg: Config, objective: Objective, info: DatasetInfo, stage_dir:
                            skip_bad_samples=cfg.data.on_bad_sample == "skip", epoch_mode=cfg.data.epoch_mode,
                            class_aware_m=class_aware_m, accumulation=stage.grad_accum_steps, rank=rank,
                            world_size=world, positions=resume_positions)
-    positions = dict(resume_positions or {})  # kept up to date with every batch trained on
+    positions = dict(resume_positions)  # kept up to date with every batch trained on
     bad_per_stream: dict[int, dict[str, int]] = {}  # latest tally of each data stream since this (re)start
     tb = TensorBoard(stage_dir / "tb" if rank == 0 and cfg.logging.tensorboard else None, objective.name)
     evaluate = _Evaluator(cfg, objective, engine, info, tb)
